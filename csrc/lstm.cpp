@@ -1,0 +1,302 @@
+// The layer stack and the two operators: lstm_ext::forward and its hand-written lstm_ext::backward.
+//
+// Mirrors apply_layer_stack / _lstm_impl in aten/src/ATen/native/RNN.cpp. A layer runs one
+// FullLayer per direction (the reverse one walks the steps backwards, which is all ATen's
+// FullBidirectionalLayer and ReversedPackedLayer add) and writes both into one [N, D*P] output.
+#include "layer.h"
+
+#include <ATen/Dispatch.h>
+#include <torch/library.h>
+
+#include <tuple>
+
+namespace lstm_ext {
+namespace {
+
+using at::TensorList;
+
+// The shape of the whole stack, read off the arguments.
+struct StackShape {
+  int64_t num_layers;
+  int64_t num_directions;
+  int64_t input_size;
+  int64_t hidden_size;
+  int64_t output_size;  // P: proj_size, or hidden_size without projections
+  bool dense;           // [T, B, I] input, else packed [N, I] with batch_sizes
+};
+
+int64_t params_per_cell(bool has_biases, bool has_projections) {
+  return 2 + (has_biases ? 2 : 0) + (has_projections ? 1 : 0);
+}
+
+// Splits the flat weight list (nn.LSTM's _flat_weights order) into one CellParams per layer-direction.
+std::vector<CellParams> gather_params(TensorList params, bool has_biases, int64_t cells) {
+  const bool has_projections = params.size() == static_cast<size_t>(cells * params_per_cell(has_biases, true));
+  TORCH_CHECK(has_projections || params.size() == static_cast<size_t>(cells * params_per_cell(has_biases, false)),
+              "lstm_ext: got an incorrect number of RNN parameters: expected ",
+              cells * params_per_cell(has_biases, false), " (or ", cells * params_per_cell(has_biases, true),
+              " with projections) for ", cells, " layer-directions with has_biases=", has_biases, ", got ",
+              params.size());
+  const int64_t per_cell = params_per_cell(has_biases, has_projections);
+  std::vector<CellParams> result;
+  result.reserve(cells);
+  for (int64_t i = 0; i < cells; ++i) {
+    const Tensor* p = params.data() + i * per_cell;
+    CellParams cell{p[0], p[1]};
+    if (has_biases) {
+      cell.b_ih = p[2];
+      cell.b_hh = p[3];
+    }
+    if (has_projections) cell.w_hr = p[per_cell - 1];
+    result.push_back(std::move(cell));
+  }
+  return result;
+}
+
+Steps make_steps(const Tensor& input, const std::optional<Tensor>& batch_sizes) {
+  if (!batch_sizes.has_value()) {
+    return Steps::from_batch_sizes(std::vector<int64_t>(input.size(0), input.size(1)));
+  }
+  const Tensor& sizes = *batch_sizes;
+  TORCH_CHECK(sizes.device().is_cpu(), "lstm_ext: batch_sizes must be a CPU tensor, got one on ", sizes.device());
+  TORCH_CHECK(sizes.dim() == 1 && sizes.scalar_type() == at::kLong,
+              "lstm_ext: batch_sizes must be a 1-D int64 tensor, got ", sizes.dim(), "-D ", sizes.scalar_type());
+  const Tensor contiguous = sizes.contiguous();
+  const int64_t* data = contiguous.data_ptr<int64_t>();
+  std::vector<int64_t> values(data, data + contiguous.numel());
+  for (size_t t = 0; t < values.size(); ++t) {
+    TORCH_CHECK(values[t] > 0, "lstm_ext: batch_sizes must be positive, got ", values[t], " at step ", t);
+    TORCH_CHECK(t == 0 || values[t] <= values[t - 1],
+                "lstm_ext: batch_sizes must be non-increasing (sequences sorted by decreasing length), got ",
+                values[t - 1], " then ", values[t], " at step ", t);
+  }
+  Steps steps = Steps::from_batch_sizes(std::move(values));
+  TORCH_CHECK(steps.rows() == input.size(0), "lstm_ext: batch_sizes sum to ", steps.rows(),
+              " but the packed input has ", input.size(0), " rows");
+  return steps;
+}
+
+void check_same_device_and_dtype(const Tensor& input, const Tensor& t, const char* name) {
+  TORCH_CHECK(t.device() == input.device(), "lstm_ext: input and ", name,
+              " are not on the same device, found input on ", input.device(), " and ", name, " on ", t.device());
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "lstm_ext: input and ", name,
+              " must have the same dtype, got ", input.scalar_type(), " and ", t.scalar_type());
+}
+
+void check_state(const Tensor& state, const char* name, int64_t cells, int64_t batch, int64_t size) {
+  TORCH_CHECK(state.dim() == 3 && state.size(0) == cells && state.size(1) == batch && state.size(2) == size,
+              "lstm_ext: expected ", name, " of size [", cells, ", ", batch, ", ", size, "], got ", state.sizes());
+}
+
+void check_input(const Tensor& input, const std::optional<Tensor>& batch_sizes) {
+  TORCH_CHECK(input.device().is_cpu(), "lstm_ext: only CPU tensors are supported, got input on ", input.device());
+  const bool dense = !batch_sizes.has_value();
+  TORCH_CHECK(input.dim() == (dense ? 3 : 2), "lstm_ext: expected ", dense ? "3-D [T, B, I]" : "2-D packed [N, I]",
+              " input, got ", input.dim(), "-D");
+}
+
+StackShape check_forward_args(const Tensor& input, const Steps& steps, const Tensor& hx, const Tensor& cx,
+                              const std::vector<CellParams>& cells, int64_t num_layers, bool bidirectional,
+                              double dropout) {
+  const bool dense = input.dim() == 3;
+  TORCH_CHECK(dropout >= 0 && dropout <= 1, "dropout probability has to be between 0 and 1, but got ", dropout);
+  const CellParams& first = cells.front();
+  StackShape shape{num_layers, bidirectional ? 2 : 1, input.size(-1), first.hidden_size(), first.output_size(), dense};
+  for (size_t i = 0; i < cells.size(); ++i) {
+    const CellParams& cell = cells[i];
+    const int64_t layer = static_cast<int64_t>(i) / shape.num_directions;
+    const int64_t in = layer == 0 ? shape.input_size : shape.num_directions * shape.output_size;
+    const int64_t H = shape.hidden_size, P = shape.output_size;
+    auto check = [&](const Tensor& w, at::IntArrayRef expected, const char* name) {
+      check_same_device_and_dtype(input, w, name);
+      TORCH_CHECK(w.sizes() == expected, "lstm_ext: expected ", name, " of layer-direction ", i, " to have size ",
+                  expected, ", got ", w.sizes());
+    };
+    check(cell.w_ih, {4 * H, in}, "weight_ih");
+    check(cell.w_hh, {4 * H, P}, "weight_hh");
+    if (cell.b_ih.defined()) {
+      check(cell.b_ih, {4 * H}, "bias_ih");
+      check(cell.b_hh, {4 * H}, "bias_hh");
+    }
+    if (cell.w_hr.defined()) check(cell.w_hr, {P, H}, "weight_hr");
+  }
+  check_same_device_and_dtype(input, hx, "hx");
+  check_same_device_and_dtype(input, cx, "cx");
+  const int64_t total = num_layers * shape.num_directions, batch = dense ? input.size(1) : steps.max_batch();
+  check_state(hx, "hx", total, batch, shape.output_size);
+  check_state(cx, "cx", total, batch, shape.hidden_size);
+  return shape;
+}
+
+// Everything the backward needs, as a fixed list of tensors so that the operator schema (and
+// its fake implementation) does not depend on the configuration. Index c = layer * D + direction.
+struct Workspace {
+  Tensor gates;          // [L*D, N, 4H]
+  Tensor tanh_cells;     // [L*D, N, H]
+  Tensor cells_prev;     // [L*D, N, H]
+  Tensor hiddens_prev;   // [L*D, N, P]
+  Tensor layer_inputs;   // [L-1, N, D*P] inputs of layers 1.., after dropout
+  Tensor dropout_masks;  // [L-1, N, D*P] scaled keep-masks, or [0] without dropout
+
+  static Workspace allocate(const StackShape& s, int64_t rows, bool with_dropout, const at::TensorOptions& opts) {
+    const int64_t cells = s.num_layers * s.num_directions, H = s.hidden_size, P = s.output_size;
+    const int64_t between = s.num_layers - 1, width = s.num_directions * P;
+    return {at::empty({cells, rows, 4 * H}, opts),
+            at::empty({cells, rows, H}, opts),
+            at::empty({cells, rows, H}, opts),
+            at::empty({cells, rows, P}, opts),
+            at::empty({between, rows, width}, opts),
+            with_dropout ? at::empty({between, rows, width}, opts) : at::empty({0}, opts)};
+  }
+  static Workspace from_list(TensorList list) {
+    TORCH_CHECK(list.size() == 6, "lstm_ext: the workspace is empty: the forward ran without saving for backward");
+    return {list[0], list[1], list[2], list[3], list[4], list[5]};
+  }
+  std::vector<Tensor> to_list() const {
+    return {gates, tanh_cells, cells_prev, hiddens_prev, layer_inputs, dropout_masks};
+  }
+  bool has_dropout() const { return dropout_masks.numel() > 0; }
+  DirectionSaved direction(int64_t cell) const {
+    return {gates[cell], tanh_cells[cell], cells_prev[cell], hiddens_prev[cell]};
+  }
+};
+
+// ---- forward ----------------------------------------------------------------------------------
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
+    const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
+    TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
+    bool need_workspace) {
+  TORCH_CHECK(num_layers > 0, "lstm_ext: num_layers must be positive, got ", num_layers);
+  const int64_t D = bidirectional ? 2 : 1;
+  const std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D);
+  check_input(input, batch_sizes);
+  const Steps steps = make_steps(input, batch_sizes);
+  const StackShape s = check_forward_args(input, steps, hx, cx, cells, num_layers, bidirectional, dropout);
+  const int64_t N = steps.rows(), H = s.hidden_size, P = s.output_size;
+  const at::TensorOptions opts = input.options().memory_format(at::MemoryFormat::Contiguous);
+  const bool apply_dropout = dropout > 0 && train && num_layers > 1;
+
+  Tensor hy = hx.contiguous().clone(), cy = cx.contiguous().clone();
+  Workspace ws = need_workspace ? Workspace::allocate(s, N, apply_dropout, opts) : Workspace{};
+  // Inference reuses one input-projection buffer per direction across layers.
+  std::vector<Tensor> scratch_gates;
+  if (!need_workspace) {
+    for (int64_t d = 0; d < D; ++d) scratch_gates.push_back(at::empty({N, 4 * H}, opts));
+  }
+
+  Tensor layer_input = input.reshape({N, s.input_size});
+  Tensor layer_output;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::forward", [&] {
+    for (int64_t l = 0; l < num_layers; ++l) {
+      const bool last = l == num_layers - 1;
+      layer_output = need_workspace && !last ? ws.layer_inputs[l] : at::empty({N, D * P}, opts);
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t c = l * D + d;
+        Tensor gates = need_workspace ? ws.gates[c] : scratch_gates[d];
+        cells[c].linear_ih_out(gates, layer_input);
+        const DirectionSaved saved = need_workspace ? ws.direction(c) : DirectionSaved{};
+        FullLayer{steps, d == 1}.forward<scalar_t>(cells[c], gates, hy[c], cy[c], layer_output.narrow(1, d * P, P),
+                                                   need_workspace ? &saved : nullptr);
+      }
+      if (apply_dropout && !last) {
+        // The same RNG draws as ATen's dropout between layers, so a seed gives native's masks.
+        Tensor mask = need_workspace ? ws.dropout_masks[l] : at::empty_like(layer_output);
+        if (dropout == 1) {
+          mask.zero_();
+        } else {
+          mask.bernoulli_(1 - dropout).div_(1 - dropout);
+        }
+        layer_output.mul_(mask);
+      }
+      layer_input = layer_output;
+    }
+  });
+  Tensor output = s.dense ? layer_output.view({input.size(0), input.size(1), D * P}) : layer_output;
+  return {output, hy, cy, need_workspace ? ws.to_list() : std::vector<Tensor>{}};
+}
+
+// ---- backward ---------------------------------------------------------------------------------
+
+Tensor grad_or_zeros(const std::optional<Tensor>& grad, const Tensor& like) {
+  return grad.has_value() && grad->defined() ? grad->contiguous().clone() : at::zeros_like(like, at::MemoryFormat::Contiguous);
+}
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
+    const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
+    TensorList params, TensorList workspace, const std::optional<Tensor>& grad_output,
+    const std::optional<Tensor>& grad_hy, const std::optional<Tensor>& grad_cy, bool has_biases, int64_t num_layers,
+    bool bidirectional) {
+  const int64_t D = bidirectional ? 2 : 1;
+  const std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D);
+  const Workspace ws = Workspace::from_list(workspace);
+  const Steps steps = make_steps(input, batch_sizes);
+  const int64_t N = steps.rows(), H = cells.front().hidden_size(), P = cells.front().output_size();
+  const int64_t per_cell = params.size() / cells.size();
+
+  Tensor grad_hx = grad_or_zeros(grad_hy, hx), grad_cx = grad_or_zeros(grad_cy, cx);
+  std::vector<Tensor> grad_params(params.size());
+  Tensor grad_layer_output;  // dL/d(output of the current layer), [N, D*P]; undefined means zeros
+  if (grad_output.has_value() && grad_output->defined()) {
+    grad_layer_output = grad_output->reshape({N, D * P}).contiguous();
+  }
+  Tensor grad_input;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::backward", [&] {
+    for (int64_t l = num_layers - 1; l >= 0; --l) {
+      const Tensor layer_input = l == 0 ? input.reshape({N, input.size(-1)}) : ws.layer_inputs[l - 1];
+      Tensor grad_layer_input;
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t c = l * D + d;
+        const CellParams& cell = cells[c];
+        const DirectionSaved saved = ws.direction(c);
+        const Tensor dgates = at::empty({N, 4 * H}, saved.gates.options());
+        const Tensor dh_rows = cell.has_projection() ? at::empty({N, P}, dgates.options()) : Tensor();
+        const Tensor grad_out = grad_layer_output.defined() ? grad_layer_output.narrow(1, d * P, P) : Tensor();
+        FullLayer{steps, d == 1}.backward<scalar_t>(cell, saved, grad_out, grad_hx[c], grad_cx[c], dgates, dh_rows);
+
+        // Weight gradients as a few GEMMs over all steps at once.
+        Tensor* grads = grad_params.data() + c * per_cell;
+        const Tensor dgates_t = dgates.t();
+        grads[0] = at::mm(dgates_t, layer_input);
+        grads[1] = at::mm(dgates_t, saved.hiddens_prev);
+        if (cell.b_ih.defined()) {
+          grads[2] = dgates.sum(0);
+          grads[3] = grads[2].clone();
+        }
+        if (cell.has_projection()) {
+          const Tensor hidden_pre = saved.gates.narrow(1, 3 * H, H) * saved.tanh_cells;
+          grads[per_cell - 1] = at::mm(dh_rows.t(), hidden_pre);
+        }
+        if (d == 0) {
+          grad_layer_input = at::mm(dgates, cell.w_ih);
+        } else {
+          grad_layer_input.addmm_(dgates, cell.w_ih);
+        }
+      }
+      if (l > 0 && ws.has_dropout()) grad_layer_input.mul_(ws.dropout_masks[l - 1]);
+      grad_layer_output = grad_layer_input;
+    }
+    grad_input = grad_layer_output.view(input.sizes());
+  });
+  return {grad_input, grad_hx, grad_cx, grad_params};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(lstm_ext, m) {
+  m.def(
+      "forward(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, bool has_biases, "
+      "int num_layers, float dropout, bool train, bool bidirectional, bool need_workspace) "
+      "-> (Tensor output, Tensor hy, Tensor cy, Tensor[] workspace)");
+  m.def(
+      "backward(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, Tensor[] workspace, "
+      "Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, bool has_biases, int num_layers, bool bidirectional) "
+      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_params)");
+}
+
+TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
+  m.impl("forward", &lstm_forward);
+  m.impl("backward", &lstm_backward);
+}
+
+}  // namespace lstm_ext

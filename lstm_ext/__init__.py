@@ -1,0 +1,15 @@
+"""lstm_ext: torch.nn.LSTM as a C++/ATen extension with a hand-written backward.
+
+``lstm_ext.LSTM`` / ``lstm_ext.LSTMCell`` are drop-ins for the ``torch.nn`` modules;
+``lstm_ext.lstm`` / ``lstm_ext.lstm_cell`` for ``torch._VF.lstm`` / ``torch.lstm_cell``.
+"""
+
+from ._extension import import_operators, load
+
+import_operators()
+
+from .functional import lstm, lstm_cell  # noqa: E402  (needs the operators registered)
+from .modules import LSTM, LSTMCell  # noqa: E402
+
+__all__ = ["LSTM", "LSTMCell", "lstm", "lstm_cell", "load"]
+__version__ = "0.1.0"

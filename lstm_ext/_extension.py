@@ -1,0 +1,52 @@
+"""Where the compiled operators come from: the installed ``lstm_ext._C``, or a JIT build.
+
+The C++ sources are listed once, in ``csrc/sources.txt``; setup.py, CMakeLists.txt and
+:func:`load` all read that list.
+"""
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CSRC = REPO_ROOT / "csrc"
+EXTRA_CFLAGS = ["-O3"]
+
+
+def sources(root: Path = REPO_ROOT) -> list[str]:
+    """The C++ sources of the extension, as paths under ``root``."""
+    names = (root / "csrc" / "sources.txt").read_text().split()
+    return [str(root / "csrc" / name) for name in names]
+
+
+def load(verbose: bool = False, **kwargs):
+    """Build the extension from a source checkout with ``torch.utils.cpp_extension.load``.
+
+    The build is cached by torch (``TORCH_EXTENSIONS_DIR``), so only the first call compiles.
+    Extra keyword arguments go to ``torch.utils.cpp_extension.load``.
+    """
+    from torch.utils import cpp_extension
+
+    if not (CSRC / "sources.txt").is_file():
+        raise RuntimeError(
+            f"lstm_ext: no C++ sources at {CSRC}; the JIT build needs a source checkout "
+            "(or install the package with pip, which ships the compiled lstm_ext._C)"
+        )
+    kwargs.setdefault("name", "lstm_ext_jit")
+    kwargs.setdefault("extra_cflags", EXTRA_CFLAGS)
+    return cpp_extension.load(sources=sources(), verbose=verbose, **kwargs)
+
+
+def import_operators():
+    """Load the operators into the dispatcher: the prebuilt ``_C`` when present, else a JIT build."""
+    try:
+        from lstm_ext import _C
+    except ImportError as prebuilt_error:
+        if not (CSRC / "sources.txt").is_file():
+            raise
+        try:
+            return load()
+        except Exception as jit_error:
+            raise ImportError(
+                f"lstm_ext: the compiled extension could not be imported ({prebuilt_error}) "
+                f"and the JIT build failed ({jit_error})"
+            ) from jit_error
+    return _C

@@ -1,0 +1,176 @@
+"""The functional API: ``lstm`` (both overloads of ``torch._VF.lstm``) and ``lstm_cell``.
+
+The C++ operators do the work; this module only adapts arguments and wires autograd and the
+fake (shape-only) implementations through ``torch.library``, so autograd, ``torch.compile`` and
+``torch.library.opcheck`` see ordinary dispatcher ops.
+"""
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+_ops = torch.ops.lstm_ext
+
+
+def lstm(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
+    """Drop-in for ``torch._VF.lstm``, with the same two overloads.
+
+    Dense: ``lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)``.
+    Packed: ``lstm(data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional)``.
+    Returns ``(output, h_n, c_n)``.
+    """
+    packed = "batch_sizes" in kwargs or (len(args) > 1 and isinstance(args[1], Tensor))
+    return (lstm_packed if packed else lstm_dense)(*args, **kwargs)
+
+
+def lstm_dense(
+    input: Tensor,
+    hx: Sequence[Tensor],
+    params: Sequence[Tensor],
+    has_biases: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+    batch_first: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch._VF.lstm`` on a padded ``[T, B, I]`` (or ``[B, T, I]``) input."""
+    h0, c0 = _unpack_hidden(hx)
+    if batch_first:
+        input = input.transpose(0, 1)
+    output, hy, cy = _forward(input, None, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional)
+    if batch_first:
+        output = output.transpose(0, 1)
+    return output, hy, cy
+
+
+def lstm_packed(
+    data: Tensor,
+    batch_sizes: Tensor,
+    hx: Sequence[Tensor],
+    params: Sequence[Tensor],
+    has_biases: bool,
+    num_layers: int,
+    dropout: float,
+    train: bool,
+    bidirectional: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``torch._VF.lstm`` on packed data ``[N, I]`` with ``batch_sizes`` (as in ``PackedSequence``)."""
+    h0, c0 = _unpack_hidden(hx)
+    return _forward(data, batch_sizes, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional)
+
+
+def lstm_cell(
+    input: Tensor,
+    hx: Sequence[Tensor],
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None = None,
+    b_hh: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Drop-in for ``torch.lstm_cell``: one step on ``[B, I]``, returns ``(h_1, c_1)``."""
+    h0, c0 = _unpack_hidden(hx)
+    _check_cell_args(input, h0, c0, w_ih, w_hh)
+    has_biases = b_ih is not None
+    if has_biases != (b_hh is not None):
+        raise RuntimeError("lstm_ext.lstm_cell: b_ih and b_hh must both be given or both be None")
+    params = [w_ih, w_hh, b_ih, b_hh] if has_biases else [w_ih, w_hh]
+    _, hy, cy = _forward(input.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), params, has_biases, 1, 0.0, False, False)
+    return hy[0], cy[0]
+
+
+def _unpack_hidden(hx: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+    if len(hx) != 2:
+        raise RuntimeError("lstm expects two hidden states")
+    return hx[0], hx[1]
+
+
+def _check_cell_args(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: Tensor) -> None:
+    """The checks and messages of ATen's check_rnn_cell_forward_input/hidden."""
+    if input.dim() != 2:
+        raise RuntimeError(f"lstm_cell: expected input of 2 dimensions [batch, input_size], got {input.dim()}")
+    if input.size(1) != w_ih.size(1):
+        raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {w_ih.size(1)}")
+    for index, (state, size) in enumerate(((h0, w_hh.size(1)), (c0, w_hh.size(0) // 4))):
+        if state.dim() != 2:
+            raise RuntimeError(f"lstm_cell: expected hidden{index} of 2 dimensions, got {state.dim()}")
+        if input.size(0) != state.size(0):
+            raise RuntimeError(
+                f"Input batch size {input.size(0)} doesn't match hidden{index} batch size {state.size(0)}"
+            )
+        if state.size(1) != size:
+            raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, expected {size}")
+
+
+def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional):
+    params = list(params)
+    need_workspace = torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params))
+    output, hy, cy, _ = _ops.forward(
+        input, batch_sizes, hx, cx, params, has_biases, num_layers, float(dropout), train, bidirectional, need_workspace
+    )
+    return output, hy, cy
+
+
+# ---- autograd: the hand-written backward operator ------------------------------------------------
+
+
+def _setup_context(ctx, inputs, output):
+    input, batch_sizes, hx, cx, params, has_biases, num_layers, _dropout, _train, bidirectional, _need = inputs
+    workspace = output[3]
+    ctx.num_params = len(params)
+    ctx.options = (has_biases, num_layers, bidirectional)
+    ctx.save_for_backward(input, batch_sizes, hx, cx, *params, *workspace)
+
+
+def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
+    input, batch_sizes, hx, cx, *rest = ctx.saved_tensors
+    params, workspace = rest[: ctx.num_params], rest[ctx.num_params :]
+    if not workspace:
+        raise RuntimeError("lstm_ext: the forward saved nothing for backward (it ran with need_workspace=False)")
+    grad_input, grad_hx, grad_cx, grad_params = _ops.backward(
+        input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *ctx.options
+    )
+    return grad_input, None, grad_hx, grad_cx, grad_params, None, None, None, None, None, None
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError("lstm_ext: double backward (the gradient of a gradient) is not supported")
+
+
+torch.library.register_autograd("lstm_ext::forward", _backward, setup_context=_setup_context)
+torch.library.register_autograd("lstm_ext::backward", _no_double_backward)
+
+
+# ---- fake implementations: shapes only, for torch.compile and opcheck ---------------------------
+
+
+@torch.library.register_fake("lstm_ext::forward")
+def _forward_fake(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, need_workspace):
+    directions = 2 if bidirectional else 1
+    hidden, proj = cx.shape[-1], hx.shape[-1]
+    output = input.new_empty((*input.shape[:-1], directions * proj))
+    workspace = []
+    if need_workspace:
+        rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
+        cells, between, width = num_layers * directions, num_layers - 1, directions * proj
+        with_dropout = dropout > 0 and train and num_layers > 1
+        workspace = [
+            input.new_empty((cells, rows, 4 * hidden)),
+            input.new_empty((cells, rows, hidden)),
+            input.new_empty((cells, rows, hidden)),
+            input.new_empty((cells, rows, proj)),
+            input.new_empty((between, rows, width)),
+            input.new_empty((between, rows, width) if with_dropout else (0,)),
+        ]
+    return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), workspace
+
+
+@torch.library.register_fake("lstm_ext::backward")
+def _backward_fake(input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, has_biases, num_layers, bidirectional):
+    return (
+        torch.empty_like(input, memory_format=torch.contiguous_format),
+        torch.empty_like(hx, memory_format=torch.contiguous_format),
+        torch.empty_like(cx, memory_format=torch.contiguous_format),
+        [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params],
+    )
