@@ -1,22 +1,25 @@
 // The LSTM cell: one layer-direction's weights and one time step, forward and backward.
 //
-// Mirrors CellParams / LSTMCell in aten/src/ATen/native/RNN.cpp, but each step works in place on
-// preallocated rows: the recurrent GEMM accumulates into the gate rows, then one fused pointwise
-// pass applies the activations and writes the new state.
+// Mirrors CellParams / LSTMCell in aten/src/ATen/native/RNN.cpp, but a step works in place on
+// preallocated rows and on a slice of the hidden units, so that the threads of a team can share
+// a step: the recurrent GEMM accumulates into the slice's gate columns, then one fused,
+// vectorized pointwise pass applies the activations and writes the new state.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "blas.h"
+
 #include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
 
 namespace lstm_ext {
 
 using at::Tensor;
+using blas::Matrix;
 
 // Weights of one layer and direction: w_ih [4H, I], w_hh [4H, P], b_ih/b_hh [4H] (optional),
-// w_hr [P, H] (optional; without it P == H).
+// w_hr [P, H] (optional; without it P == H). Gate rows are ordered i, f, g, o as in ATen.
 struct CellParams {
   Tensor w_ih, w_hh, b_ih, b_hh, w_hr;
 
@@ -24,7 +27,7 @@ struct CellParams {
   int64_t output_size() const { return w_hr.defined() ? w_hr.size(0) : hidden_size(); }
   bool has_projection() const { return w_hr.defined(); }
 
-  // The input projection of every row at once: x W_ihᵀ + b_ih + b_hh, [N, 4H], written into out.
+  // The input projection of every row at once, one GEMM: out = x W_ihᵀ + b_ih + b_hh, [N, 4H].
   void linear_ih_out(Tensor& out, const Tensor& x) const {
     if (b_ih.defined()) {
       at::addmm_out(out, b_ih + b_hh, x, w_ih.t());
@@ -32,57 +35,92 @@ struct CellParams {
       at::mm_out(out, x, w_ih.t());
     }
   }
-  // gates += h W_hhᵀ
-  void matmul_hh_add_(Tensor& gates, const Tensor& h) const { gates.addmm_(h, w_hh.t()); }
-  // out = h_pre W_hrᵀ
-  void matmul_hr_out(Tensor& out, const Tensor& h_pre) const { at::mm_out(out, h_pre, w_hr.t()); }
 };
 
-// Rows of a step smaller than this are done on one thread: spawning costs more than it saves.
-constexpr int64_t kPointwiseGrain = 1 << 14;
-
-template <typename opmath_t>
-inline opmath_t sigmoid(opmath_t x) {
-  return opmath_t(1) / (opmath_t(1) + std::exp(-x));
-}
-
-// Where a step's hidden output goes: a row-strided matrix.
-template <typename scalar_t>
-struct RowsOut {
-  scalar_t* data = nullptr;
-  int64_t stride = 0;
+// The hidden units [begin, end) that one thread owns within a step.
+struct UnitSlice {
+  int64_t begin, end;
+  int64_t size() const { return end - begin; }
 };
 
-// What the forward step keeps for its backward twin, one row per batch entry (null in inference).
+// What the forward step keeps for its backward twin, [rows, H] each (null in inference).
 template <typename scalar_t>
 struct StepSaved {
-  scalar_t* tanh_cell = nullptr;  // tanh(c_t) [rows, H]
-  scalar_t* cell_prev = nullptr;  // c_{t-1}   [rows, H]
+  scalar_t* tanh_cell = nullptr;  // tanh(c_t)
+  scalar_t* cell_prev = nullptr;  // c_{t-1}
 };
 
+namespace pointwise {
+
+// Vectorized over hidden units for float and double; the reduced floating types go scalar
+// through their opmath type.
+template <typename scalar_t>
+constexpr bool kVectorized = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
+
+template <typename V>
+inline V sigmoid(const V& x) {
+  return (V(1) + x.neg().exp()).reciprocal();
+}
+
+template <typename T>
+inline T sigmoid_scalar(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// Calls body(j, count) over [begin, end) in vector-sized chunks (the last may be shorter).
+template <typename scalar_t, typename Body>
+inline void for_each_chunk(int64_t begin, int64_t end, const Body& body) {
+  constexpr int64_t width = at::vec::Vectorized<scalar_t>::size();
+  for (int64_t j = begin; j < end; j += width) body(j, std::min(width, end - j));
+}
+
+}  // namespace pointwise
+
 struct LSTMCell {
-  // One step, pointwise part. gates [rows, 4H] holds the pre-activations x W_ihᵀ + h W_hhᵀ + biases
-  // (order i, f, g, o) and is overwritten with the activations, which the backward reuses.
-  // cell [rows, H] is c_{t-1} on entry and c_t on exit. h_t = o * tanh(c_t) goes to `hidden`
-  // and, when given, to `hidden_copy` too (the layer output).
+  // Forward pointwise for rows [0, rows) and the units of `units`. gates [rows, 4H] holds the
+  // pre-activations (x W_ihᵀ + h W_hhᵀ + biases) and is overwritten with the activations, which
+  // the backward reuses. cell [rows, H] is c_{t-1} on entry and c_t on exit. h_t = o·tanh(c_t)
+  // goes to `hidden` and, when its data is not null, to `hidden_copy`.
   template <typename scalar_t>
-  static void forward_pointwise(int64_t rows, int64_t H, scalar_t* gates, scalar_t* cell,
-                                RowsOut<scalar_t> hidden, RowsOut<scalar_t> hidden_copy,
-                                StepSaved<scalar_t> saved) {
-    using opmath_t = at::opmath_type<scalar_t>;
-    at::parallel_for(0, rows, std::max<int64_t>(1, kPointwiseGrain / (4 * H)), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        scalar_t* g = gates + r * 4 * H;
-        scalar_t* c = cell + r * H;
-        scalar_t* h = hidden.data + r * hidden.stride;
-        scalar_t* h2 = hidden_copy.data ? hidden_copy.data + r * hidden_copy.stride : nullptr;
-        scalar_t* tanh_c_saved = saved.tanh_cell ? saved.tanh_cell + r * H : nullptr;
-        scalar_t* c_prev_saved = saved.cell_prev ? saved.cell_prev + r * H : nullptr;
-        for (int64_t j = 0; j < H; ++j) {
-          const opmath_t i = sigmoid<opmath_t>(g[j]);
-          const opmath_t f = sigmoid<opmath_t>(g[H + j]);
+  static void forward_pointwise(int64_t rows, int64_t H, UnitSlice units, scalar_t* gates, scalar_t* cell,
+                                Matrix<scalar_t> hidden, Matrix<scalar_t> hidden_copy, StepSaved<scalar_t> saved) {
+    for (int64_t r = 0; r < rows; ++r) {
+      scalar_t* g = gates + r * 4 * H;
+      scalar_t* c = cell + r * H;
+      scalar_t* h = hidden.data + r * hidden.ld;
+      scalar_t* h2 = hidden_copy.data ? hidden_copy.data + r * hidden_copy.ld : nullptr;
+      scalar_t* tanh_c_out = saved.tanh_cell ? saved.tanh_cell + r * H : nullptr;
+      scalar_t* c_prev_out = saved.cell_prev ? saved.cell_prev + r * H : nullptr;
+      if constexpr (pointwise::kVectorized<scalar_t>) {
+        using Vec = at::vec::Vectorized<scalar_t>;
+        pointwise::for_each_chunk<scalar_t>(units.begin, units.end, [&](int64_t j, int64_t n) {
+          const Vec i = pointwise::sigmoid(Vec::loadu(g + j, n));
+          const Vec f = pointwise::sigmoid(Vec::loadu(g + H + j, n));
+          const Vec z = Vec::loadu(g + 2 * H + j, n).tanh();
+          const Vec o = pointwise::sigmoid(Vec::loadu(g + 3 * H + j, n));
+          const Vec c_prev = Vec::loadu(c + j, n);
+          const Vec c_new = at::vec::fmadd(f, c_prev, i * z);
+          const Vec tanh_c = c_new.tanh();
+          const Vec h_new = o * tanh_c;
+          i.store(g + j, n);
+          f.store(g + H + j, n);
+          z.store(g + 2 * H + j, n);
+          o.store(g + 3 * H + j, n);
+          c_new.store(c + j, n);
+          h_new.store(h + j, n);
+          if (h2) h_new.store(h2 + j, n);
+          if (tanh_c_out) {
+            tanh_c.store(tanh_c_out + j, n);
+            c_prev.store(c_prev_out + j, n);
+          }
+        });
+      } else {
+        using opmath_t = at::opmath_type<scalar_t>;
+        for (int64_t j = units.begin; j < units.end; ++j) {
+          const opmath_t i = pointwise::sigmoid_scalar<opmath_t>(g[j]);
+          const opmath_t f = pointwise::sigmoid_scalar<opmath_t>(g[H + j]);
           const opmath_t z = std::tanh(opmath_t(g[2 * H + j]));
-          const opmath_t o = sigmoid<opmath_t>(g[3 * H + j]);
+          const opmath_t o = pointwise::sigmoid_scalar<opmath_t>(g[3 * H + j]);
           const opmath_t c_prev = c[j];
           const opmath_t c_new = f * c_prev + i * z;
           const opmath_t tanh_c = std::tanh(c_new);
@@ -94,35 +132,48 @@ struct LSTMCell {
           c[j] = c_new;
           h[j] = h_new;
           if (h2) h2[j] = h_new;
-          if (tanh_c_saved) {
-            tanh_c_saved[j] = tanh_c;
-            c_prev_saved[j] = c_prev;
+          if (tanh_c_out) {
+            tanh_c_out[j] = tanh_c;
+            c_prev_out[j] = c_prev;
           }
         }
       }
-    });
+    }
   }
 
-  // Backward twin of forward_pointwise. dhidden [rows, H] is dL/dh_t (before the projection);
-  // dcell [rows, H] is dL/dc_t from later steps on entry and dL/dc_{t-1} on exit.
-  // Writes dL/d(pre-activation gates) into dgates [rows, 4H].
+  // Backward twin of forward_pointwise. dhidden [rows, ld] is dL/dh_t (before the projection);
+  // dcell [rows, H] is dL/dc_t from later steps on entry and dL/dc_{t-1} on exit. Writes
+  // dL/d(pre-activation gates) into dgates [rows, 4H].
   template <typename scalar_t>
-  static void backward_pointwise(int64_t rows, int64_t H, const scalar_t* dhidden, scalar_t* dcell,
-                                 const scalar_t* gates, const scalar_t* tanh_cell,
+  static void backward_pointwise(int64_t rows, int64_t H, UnitSlice units, Matrix<const scalar_t> dhidden,
+                                 scalar_t* dcell, const scalar_t* gates, const scalar_t* tanh_cell,
                                  const scalar_t* cell_prev, scalar_t* dgates) {
-    using opmath_t = at::opmath_type<scalar_t>;
-    at::parallel_for(0, rows, std::max<int64_t>(1, kPointwiseGrain / (4 * H)), [&](int64_t begin, int64_t end) {
-      for (int64_t r = begin; r < end; ++r) {
-        const scalar_t* g = gates + r * 4 * H;
-        const scalar_t* dh = dhidden + r * H;
-        const scalar_t* tc = tanh_cell + r * H;
-        const scalar_t* cp = cell_prev + r * H;
-        scalar_t* dc = dcell + r * H;
-        scalar_t* dg = dgates + r * 4 * H;
-        for (int64_t j = 0; j < H; ++j) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* g = gates + r * 4 * H;
+      const scalar_t* dh = dhidden.data + r * dhidden.ld;
+      const scalar_t* tc = tanh_cell + r * H;
+      const scalar_t* cp = cell_prev + r * H;
+      scalar_t* dc = dcell + r * H;
+      scalar_t* dg = dgates + r * 4 * H;
+      if constexpr (pointwise::kVectorized<scalar_t>) {
+        using Vec = at::vec::Vectorized<scalar_t>;
+        const Vec one(1);
+        pointwise::for_each_chunk<scalar_t>(units.begin, units.end, [&](int64_t j, int64_t n) {
+          const Vec i = Vec::loadu(g + j, n), f = Vec::loadu(g + H + j, n);
+          const Vec z = Vec::loadu(g + 2 * H + j, n), o = Vec::loadu(g + 3 * H + j, n);
+          const Vec tanh_c = Vec::loadu(tc + j, n), dh_j = Vec::loadu(dh + j, n);
+          const Vec dc_total = at::vec::fmadd(dh_j * o, one - tanh_c * tanh_c, Vec::loadu(dc + j, n));
+          (dc_total * z * i * (one - i)).store(dg + j, n);
+          (dc_total * Vec::loadu(cp + j, n) * f * (one - f)).store(dg + H + j, n);
+          (dc_total * i * (one - z * z)).store(dg + 2 * H + j, n);
+          (dh_j * tanh_c * o * (one - o)).store(dg + 3 * H + j, n);
+          (dc_total * f).store(dc + j, n);
+        });
+      } else {
+        using opmath_t = at::opmath_type<scalar_t>;
+        for (int64_t j = units.begin; j < units.end; ++j) {
           const opmath_t i = g[j], f = g[H + j], z = g[2 * H + j], o = g[3 * H + j];
-          const opmath_t tanh_c = tc[j];
-          const opmath_t dh_j = dh[j];
+          const opmath_t tanh_c = tc[j], dh_j = dh[j];
           const opmath_t dc_total = opmath_t(dc[j]) + dh_j * o * (opmath_t(1) - tanh_c * tanh_c);
           dg[j] = dc_total * z * i * (opmath_t(1) - i);
           dg[H + j] = dc_total * opmath_t(cp[j]) * f * (opmath_t(1) - f);
@@ -131,7 +182,24 @@ struct LSTMCell {
           dc[j] = dc_total * f;
         }
       }
-    });
+    }
+  }
+
+  // gates[:, gate columns of units] += h · W_hh[rows of units]ᵀ, for h [rows, P]. With all units
+  // one GEMM; with a slice, one per gate block.
+  template <typename scalar_t>
+  static void matmul_hh_add(Matrix<const scalar_t> h, const scalar_t* w_hh, int64_t H, UnitSlice units,
+                            scalar_t* gates) {
+    const int64_t P = h.cols;
+    if (units.size() == H) {
+      blas::gemm_nt<scalar_t>(h, {w_hh, 4 * H, P, P}, {gates, h.rows, 4 * H, 4 * H}, scalar_t(1));
+      return;
+    }
+    for (int64_t block = 0; block < 4; ++block) {
+      const int64_t col = block * H + units.begin;
+      blas::gemm_nt<scalar_t>(h, {w_hh + col * P, units.size(), P, P}, {gates + col, h.rows, units.size(), 4 * H},
+                              scalar_t(1));
+    }
   }
 };
 

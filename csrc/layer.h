@@ -2,13 +2,15 @@
 //
 // Dense input is the packed layout with every batch size equal, so one FullLayer serves both:
 // step t works on rows [offset[t], offset[t] + batch_size[t]) of the flattened [N, *] input.
-// States live in [B, *] buffers of which a step touches the first batch_size[t] rows. Walking
-// forward the batch shrinks and a finished sequence's rows keep its final state (PackedLayer);
-// walking in reverse it grows and a sequence starts from its initial state (ReversedPackedLayer).
+// Walking forward the batch shrinks and a finished sequence's state rows keep its final state
+// (PackedLayer); walking in reverse it grows and a sequence starts from its initial state
+// (ReversedPackedLayer).
 #pragma once
 
 #include "cell.h"
+#include "parallel.h"
 
+#include <array>
 #include <cstring>
 #include <vector>
 
@@ -42,80 +44,170 @@ struct DirectionSaved {
   Tensor hiddens_prev;  // [N, P]  h_{t-1}
 };
 
+// A step's recurrent GEMM needs only a little work per thread before splitting it stops paying.
+constexpr int64_t kMinStepWorkPerThread = 1 << 15;  // multiply-adds
+
+template <typename scalar_t>
+bool has_fast_gemm() {
+  if constexpr (std::is_same_v<scalar_t, float>) return sgemm_ != nullptr;
+  if constexpr (std::is_same_v<scalar_t, double>) return dgemm_ != nullptr;
+  return false;
+}
+
+// How many threads share one direction's steps (all in the team, or one).
+template <typename scalar_t>
+int threads_per_direction(int64_t batch, int64_t H, int64_t P) {
+  if (!has_fast_gemm<scalar_t>()) return 1;
+  const int64_t useful = batch * 4 * H * P / kMinStepWorkPerThread;
+  return static_cast<int>(std::clamp<int64_t>(useful, 1, at::get_num_threads()));
+}
+
+// Runs run_direction(d, member) for each of num_directions directions. Two directions are
+// independent, so with two threads or more each gets its own half of the team.
+template <typename scalar_t, typename RunDirection>
+void for_each_direction(int64_t num_directions, int threads, const RunDirection& run_direction) {
+  std::array<SpinBarrier, 2> barriers;
+  const int wanted = num_directions == 2 ? std::max(2, threads) : threads;
+  run_on_threads(has_fast_gemm<scalar_t>() ? wanted : 1, [&](int thread, int team_size) {
+    if (num_directions == 2 && team_size >= 2) {
+      const int d = thread % 2;
+      TeamMember member{thread / 2, team_size / 2 + (d < team_size % 2 ? 1 : 0), &barriers[d]};
+      barriers[d].set_size(member.size);
+      run_direction(d, member);
+      return;
+    }
+    TeamMember member{thread, team_size, &barriers[0]};
+    barriers[0].set_size(team_size);
+    for (int d = 0; d < num_directions; ++d) run_direction(d, member);
+  });
+}
+
 struct FullLayer {
   const Steps& steps;
   bool reverse;  // walk the steps last to first
 
   int64_t step_at(int64_t k) const { return reverse ? steps.count() - 1 - k : k; }
 
-  // gates [N, 4H] holds the input projection of every row and is left holding the activations.
-  // h [B, P] and c [B, H] hold the initial states on entry and the final ones on exit.
-  // output [N, P] (row-strided, the layer output columns of this direction) receives h_t.
+  // h_{t-1} of the k-th step walked: its first rows are the previous step's output rows, the
+  // rest (sequences that start here, walking in reverse) the initial state hx.
   template <typename scalar_t>
-  void forward(const CellParams& params, const Tensor& gates, const Tensor& h, const Tensor& c,
-               const Tensor& output, const DirectionSaved* saved) const {
-    const int64_t H = params.hidden_size(), P = params.output_size();
-    const Tensor h_pre = params.has_projection() ? at::empty({steps.max_batch(), H}, h.options()) : Tensor();
-    scalar_t* const out = output.data_ptr<scalar_t>();
-    const int64_t out_stride = output.stride(0);
+  std::pair<Matrix<const scalar_t>, Matrix<const scalar_t>> hidden_prev(int64_t k, Matrix<const scalar_t> output,
+                                                                        const scalar_t* hx, int64_t P) const {
+    const int64_t rows = steps.batch_sizes[step_at(k)];
+    const int64_t from_output = k == 0 ? 0 : std::min(rows, steps.batch_sizes[step_at(k - 1)]);
+    const scalar_t* prev_rows = k == 0 ? output.data : output.data + steps.offsets[step_at(k - 1)] * output.ld;
+    return {{prev_rows, from_output, P, output.ld}, {hx + from_output * P, rows - from_output, P, P}};
+  }
+
+  // One team member's part of the forward. gates [N, 4H] holds the input projection of every row
+  // and is left holding the activations. hx [B, P] is the initial hidden state; h [B, P] receives
+  // the final one; c [B, H] holds the initial cell state on entry and the final one on exit.
+  // output [N, P] (row-strided: this direction's columns of the layer output) receives h_t.
+  // h_pre [B, H] is scratch for the hidden state before the projection.
+  template <typename scalar_t>
+  void forward(const CellParams& params, const Tensor& gates, const Tensor& hx, const Tensor& h, const Tensor& c,
+               const Tensor& output, const DirectionSaved* saved, const Tensor& h_pre, TeamMember team) const {
+    using Vec = at::vec::Vectorized<scalar_t>;
+    const int64_t H = params.hidden_size(), P = params.output_size(), ld = output.stride(0);
+    const auto [unit_begin, unit_end] = team.share(H, Vec::size());
+    const UnitSlice units{unit_begin, unit_end};
+    const auto [col_begin, col_end] = team.share(P, Vec::size());
+    const scalar_t* w_hh = params.w_hh.data_ptr<scalar_t>();
+    const scalar_t* w_hr = params.has_projection() ? params.w_hr.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* hx_data = hx.data_ptr<scalar_t>();
+    scalar_t* gate_data = gates.data_ptr<scalar_t>();
+    scalar_t* h_data = h.data_ptr<scalar_t>();
+    scalar_t* c_data = c.data_ptr<scalar_t>();
+    scalar_t* out = output.data_ptr<scalar_t>();
+    scalar_t* h_pre_data = w_hr ? h_pre.data_ptr<scalar_t>() : nullptr;
     for (int64_t k = 0; k < steps.count(); ++k) {
       const int64_t t = step_at(k), rows = steps.batch_sizes[t], row0 = steps.offsets[t];
-      Tensor h_rows = h.narrow(0, 0, rows);
-      Tensor gate_rows = gates.narrow(0, row0, rows);
+      scalar_t* g = gate_data + row0 * 4 * H;
+      const auto [from_output, from_hx] = hidden_prev<scalar_t>(k, {out, 0, P, ld}, hx_data, P);
       StepSaved<scalar_t> step_saved;
       if (saved) {
-        std::memcpy(saved->hiddens_prev.data_ptr<scalar_t>() + row0 * P, h.data_ptr<scalar_t>(),
-                    rows * P * sizeof(scalar_t));
+        scalar_t* saved_h = saved->hiddens_prev.data_ptr<scalar_t>() + row0 * P;
+        for (const auto& part : {from_output, from_hx}) {
+          for (int64_t r = 0; r < part.rows; ++r, saved_h += P) {
+            std::memcpy(saved_h + col_begin, part.data + r * part.ld + col_begin, (col_end - col_begin) * sizeof(scalar_t));
+          }
+        }
         step_saved = {saved->tanh_cells.data_ptr<scalar_t>() + row0 * H,
                       saved->cells_prev.data_ptr<scalar_t>() + row0 * H};
       }
-      params.matmul_hh_add_(gate_rows, h_rows);
-      if (!params.has_projection()) {
-        LSTMCell::forward_pointwise<scalar_t>(rows, H, gate_rows.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
-                                              {h.data_ptr<scalar_t>(), P}, {out + row0 * out_stride, out_stride},
-                                              step_saved);
-      } else {
-        LSTMCell::forward_pointwise<scalar_t>(rows, H, gate_rows.data_ptr<scalar_t>(), c.data_ptr<scalar_t>(),
-                                              {h_pre.data_ptr<scalar_t>(), H}, {}, step_saved);
-        params.matmul_hr_out(h_rows, h_pre.narrow(0, 0, rows));
-        output.narrow(0, row0, rows).copy_(h_rows);
+      LSTMCell::matmul_hh_add<scalar_t>(from_output, w_hh, H, units, g);
+      LSTMCell::matmul_hh_add<scalar_t>(from_hx, w_hh, H, units, g + from_output.rows * 4 * H);
+      if (!w_hr) {
+        LSTMCell::forward_pointwise<scalar_t>(rows, H, units, g, c_data, {h_data, rows, P, P},
+                                              {out + row0 * ld, rows, P, ld}, step_saved);
+        team.sync();
+        continue;
       }
+      LSTMCell::forward_pointwise<scalar_t>(rows, H, units, g, c_data, {h_pre_data, rows, H, H}, {}, step_saved);
+      team.sync();
+      const int64_t cols = col_end - col_begin;
+      scalar_t* out_step = out + row0 * ld + col_begin;
+      blas::gemm_nt<scalar_t>({h_pre_data, rows, H, H}, {w_hr + col_begin * H, cols, H, H}, {out_step, rows, cols, ld},
+                              scalar_t(0));
+      for (int64_t r = 0; r < rows; ++r) {
+        std::memcpy(h_data + r * P + col_begin, out_step + r * ld, cols * sizeof(scalar_t));
+      }
+      team.sync();
     }
   }
 
-  // Backward twin of forward, over the steps in the opposite order. grad_output [N, P]
-  // (row-strided, or undefined for zeros) is dL/d output. dh [B, P] and dc [B, H] hold the
-  // gradients of the final states on entry and of the initial states on exit. Writes the
-  // gradient of the pre-activation gates into dgates [N, 4H] and, with a projection, dL/dh_t
-  // into dh_rows [N, P].
+  // One team member's part of the backward twin, over the steps in the opposite order.
+  // grad_output [N, P] (row-strided, or undefined for zeros) is dL/d output. dh [B, P] and
+  // dc [B, H] hold the gradients of the final states on entry and of the initial states on exit.
+  // Writes dL/d(pre-activation gates) into dgates [N, 4H] and, with a projection, dL/dh_t into
+  // dh_rows [N, P]. dh_pre [B, H] is scratch.
   template <typename scalar_t>
-  void backward(const CellParams& params, const DirectionSaved& saved, const Tensor& grad_output,
-                const Tensor& dh, const Tensor& dc, const Tensor& dgates, const Tensor& dh_rows) const {
+  void backward(const CellParams& params, const DirectionSaved& saved, const Tensor& grad_output, const Tensor& dh,
+                const Tensor& dc, const Tensor& dgates, const Tensor& dh_rows, const Tensor& dh_pre,
+                TeamMember team) const {
+    using Vec = at::vec::Vectorized<scalar_t>;
     const int64_t H = params.hidden_size(), P = params.output_size();
-    const Tensor dh_pre = params.has_projection() ? at::empty({steps.max_batch(), H}, dh.options()) : Tensor();
-    scalar_t* const dh_data = dh.data_ptr<scalar_t>();
+    const auto [unit_begin, unit_end] = team.share(H, Vec::size());
+    const UnitSlice units{unit_begin, unit_end};
+    const auto [col_begin, col_end] = team.share(P, Vec::size());
+    const int64_t cols = col_end - col_begin;
+    const scalar_t* w_hh = params.w_hh.data_ptr<scalar_t>();
+    const scalar_t* w_hr = params.has_projection() ? params.w_hr.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* grad_out = grad_output.defined() ? grad_output.data_ptr<scalar_t>() : nullptr;
+    const int64_t grad_ld = grad_output.defined() ? grad_output.stride(0) : 0;
+    const scalar_t* gates = saved.gates.data_ptr<scalar_t>();
+    const scalar_t* tanh_cells = saved.tanh_cells.data_ptr<scalar_t>();
+    const scalar_t* cells_prev = saved.cells_prev.data_ptr<scalar_t>();
+    scalar_t* dh_data = dh.data_ptr<scalar_t>();
+    scalar_t* dc_data = dc.data_ptr<scalar_t>();
+    scalar_t* dgate_data = dgates.data_ptr<scalar_t>();
+    scalar_t* dh_rows_data = w_hr ? dh_rows.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dh_pre_data = w_hr ? dh_pre.data_ptr<scalar_t>() : nullptr;
     for (int64_t k = steps.count() - 1; k >= 0; --k) {
       const int64_t t = step_at(k), rows = steps.batch_sizes[t], row0 = steps.offsets[t];
-      if (grad_output.defined()) {
-        const scalar_t* g = grad_output.data_ptr<scalar_t>() + row0 * grad_output.stride(0);
-        for (int64_t r = 0; r < rows; ++r) {
-          for (int64_t j = 0; j < P; ++j) dh_data[r * P + j] += g[r * grad_output.stride(0) + j];
+      // dL/dh_t = (from later steps) + (from the layer output); this member owns columns [col_begin, col_end).
+      for (int64_t r = 0; r < rows; ++r) {
+        scalar_t* dh_r = dh_data + r * P;
+        if (grad_out) {
+          const scalar_t* g = grad_out + (row0 + r) * grad_ld;
+          for (int64_t j = col_begin; j < col_end; ++j) dh_r[j] += g[j];
         }
+        if (dh_rows_data) std::memcpy(dh_rows_data + (row0 + r) * P + col_begin, dh_r + col_begin, cols * sizeof(scalar_t));
       }
-      Tensor dh_step = dh.narrow(0, 0, rows);
-      const scalar_t* dhidden = dh_data;
-      if (params.has_projection()) {
-        std::memcpy(dh_rows.data_ptr<scalar_t>() + row0 * P, dh_data, rows * P * sizeof(scalar_t));
-        Tensor dh_pre_step = dh_pre.narrow(0, 0, rows);
-        at::mm_out(dh_pre_step, dh_step, params.w_hr);
-        dhidden = dh_pre.data_ptr<scalar_t>();
+      Matrix<const scalar_t> dhidden{dh_data, rows, P, P};
+      if (w_hr) {
+        team.sync();
+        blas::gemm_nn<scalar_t>(dhidden, {w_hr + units.begin, P, units.size(), H},
+                                {dh_pre_data + units.begin, rows, units.size(), H}, scalar_t(0));
+        dhidden = {dh_pre_data, rows, H, H};
       }
-      Tensor dgate_rows = dgates.narrow(0, row0, rows);
-      LSTMCell::backward_pointwise<scalar_t>(
-          rows, H, dhidden, dc.data_ptr<scalar_t>(), saved.gates.data_ptr<scalar_t>() + row0 * 4 * H,
-          saved.tanh_cells.data_ptr<scalar_t>() + row0 * H, saved.cells_prev.data_ptr<scalar_t>() + row0 * H,
-          dgate_rows.data_ptr<scalar_t>());
-      at::mm_out(dh_step, dgate_rows, params.w_hh);
+      scalar_t* dg = dgate_data + row0 * 4 * H;
+      LSTMCell::backward_pointwise<scalar_t>(rows, H, units, dhidden, dc_data, gates + row0 * 4 * H,
+                                             tanh_cells + row0 * H, cells_prev + row0 * H, dg);
+      team.sync();
+      // dL/dh_{t-1} = dgates · W_hh, this member's columns.
+      blas::gemm_nn<scalar_t>({dg, rows, 4 * H, 4 * H}, {w_hh + col_begin, 4 * H, cols, P},
+                              {dh_data + col_begin, rows, cols, P}, scalar_t(0));
     }
   }
 };

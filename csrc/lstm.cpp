@@ -42,12 +42,12 @@ std::vector<CellParams> gather_params(TensorList params, bool has_biases, int64_
   result.reserve(cells);
   for (int64_t i = 0; i < cells; ++i) {
     const Tensor* p = params.data() + i * per_cell;
-    CellParams cell{p[0], p[1]};
+    CellParams cell{p[0], p[1].contiguous()};  // the recurrent loop reads w_hh and w_hr raw
     if (has_biases) {
       cell.b_ih = p[2];
       cell.b_hh = p[3];
     }
-    if (has_projections) cell.w_hr = p[per_cell - 1];
+    if (has_projections) cell.w_hr = p[per_cell - 1].contiguous();
     result.push_back(std::move(cell));
   }
   return result;
@@ -177,28 +177,41 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   const at::TensorOptions opts = input.options().memory_format(at::MemoryFormat::Contiguous);
   const bool apply_dropout = dropout > 0 && train && num_layers > 1;
 
-  Tensor hy = hx.contiguous().clone(), cy = cx.contiguous().clone();
+  const Tensor h0 = hx.contiguous(), c0 = cx.contiguous();
+  Tensor hy = h0.clone(), cy = c0.clone();
   Workspace ws = need_workspace ? Workspace::allocate(s, N, apply_dropout, opts) : Workspace{};
   // Inference reuses one input-projection buffer per direction across layers.
   std::vector<Tensor> scratch_gates;
   if (!need_workspace) {
     for (int64_t d = 0; d < D; ++d) scratch_gates.push_back(at::empty({N, 4 * H}, opts));
   }
+  const Tensor h_pre = cells.front().has_projection() ? at::empty({D, steps.max_batch(), H}, opts) : Tensor();
 
   Tensor layer_input = input.reshape({N, s.input_size});
   Tensor layer_output;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::forward", [&] {
+    const int threads = threads_per_direction<scalar_t>(steps.max_batch(), H, P);
     for (int64_t l = 0; l < num_layers; ++l) {
       const bool last = l == num_layers - 1;
       layer_output = need_workspace && !last ? ws.layer_inputs[l] : at::empty({N, D * P}, opts);
+      // Tensor views are made here: the threads below touch raw memory only.
+      std::vector<Tensor> gates, outputs, h0s, hys, cys, h_pres;
+      std::vector<DirectionSaved> saved;
       for (int64_t d = 0; d < D; ++d) {
         const int64_t c = l * D + d;
-        Tensor gates = need_workspace ? ws.gates[c] : scratch_gates[d];
-        cells[c].linear_ih_out(gates, layer_input);
-        const DirectionSaved saved = need_workspace ? ws.direction(c) : DirectionSaved{};
-        FullLayer{steps, d == 1}.forward<scalar_t>(cells[c], gates, hy[c], cy[c], layer_output.narrow(1, d * P, P),
-                                                   need_workspace ? &saved : nullptr);
+        gates.push_back(need_workspace ? ws.gates[c] : scratch_gates[d]);
+        cells[c].linear_ih_out(gates.back(), layer_input);
+        outputs.push_back(layer_output.narrow(1, d * P, P));
+        h0s.push_back(h0[c]);
+        hys.push_back(hy[c]);
+        cys.push_back(cy[c]);
+        h_pres.push_back(h_pre.defined() ? h_pre[d] : Tensor());
+        saved.push_back(need_workspace ? ws.direction(c) : DirectionSaved{});
       }
+      for_each_direction<scalar_t>(D, threads, [&](int d, TeamMember member) {
+        FullLayer{steps, d == 1}.forward<scalar_t>(cells[l * D + d], gates[d], h0s[d], hys[d], cys[d], outputs[d],
+                                                   need_workspace ? &saved[d] : nullptr, h_pres[d], member);
+      });
       if (apply_dropout && !last) {
         // The same RNG draws as ATen's dropout between layers, so a seed gives native's masks.
         Tensor mask = need_workspace ? ws.dropout_masks[l] : at::empty_like(layer_output);
@@ -219,7 +232,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
 // ---- backward ---------------------------------------------------------------------------------
 
 Tensor grad_or_zeros(const std::optional<Tensor>& grad, const Tensor& like) {
-  return grad.has_value() && grad->defined() ? grad->contiguous().clone() : at::zeros_like(like, at::MemoryFormat::Contiguous);
+  return grad.has_value() && grad->defined() ? grad->clone(at::MemoryFormat::Contiguous) : at::zeros_like(like, at::MemoryFormat::Contiguous);
 }
 
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
@@ -240,37 +253,49 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
   if (grad_output.has_value() && grad_output->defined()) {
     grad_layer_output = grad_output->reshape({N, D * P}).contiguous();
   }
+  const Tensor dh_pre = cells.front().has_projection() ? at::empty({D, steps.max_batch(), H}, hx.options()) : Tensor();
   Tensor grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::backward", [&] {
+    const int threads = threads_per_direction<scalar_t>(steps.max_batch(), H, P);
     for (int64_t l = num_layers - 1; l >= 0; --l) {
       const Tensor layer_input = l == 0 ? input.reshape({N, input.size(-1)}) : ws.layer_inputs[l - 1];
+      std::vector<Tensor> dgates, dh_rows, grad_outs, dhs, dcs, dh_pres;
+      std::vector<DirectionSaved> saved;
+      for (int64_t d = 0; d < D; ++d) {
+        const int64_t c = l * D + d;
+        dgates.push_back(at::empty({N, 4 * H}, hx.options()));
+        dh_rows.push_back(cells[c].has_projection() ? at::empty({N, P}, hx.options()) : Tensor());
+        grad_outs.push_back(grad_layer_output.defined() ? grad_layer_output.narrow(1, d * P, P) : Tensor());
+        dhs.push_back(grad_hx[c]);
+        dcs.push_back(grad_cx[c]);
+        dh_pres.push_back(dh_pre.defined() ? dh_pre[d] : Tensor());
+        saved.push_back(ws.direction(c));
+      }
+      for_each_direction<scalar_t>(D, threads, [&](int d, TeamMember member) {
+        FullLayer{steps, d == 1}.backward<scalar_t>(cells[l * D + d], saved[d], grad_outs[d], dhs[d], dcs[d],
+                                                    dgates[d], dh_rows[d], dh_pres[d], member);
+      });
+      // Weight gradients as a few GEMMs over all steps at once.
       Tensor grad_layer_input;
       for (int64_t d = 0; d < D; ++d) {
         const int64_t c = l * D + d;
         const CellParams& cell = cells[c];
-        const DirectionSaved saved = ws.direction(c);
-        const Tensor dgates = at::empty({N, 4 * H}, saved.gates.options());
-        const Tensor dh_rows = cell.has_projection() ? at::empty({N, P}, dgates.options()) : Tensor();
-        const Tensor grad_out = grad_layer_output.defined() ? grad_layer_output.narrow(1, d * P, P) : Tensor();
-        FullLayer{steps, d == 1}.backward<scalar_t>(cell, saved, grad_out, grad_hx[c], grad_cx[c], dgates, dh_rows);
-
-        // Weight gradients as a few GEMMs over all steps at once.
         Tensor* grads = grad_params.data() + c * per_cell;
-        const Tensor dgates_t = dgates.t();
+        const Tensor dgates_t = dgates[d].t();
         grads[0] = at::mm(dgates_t, layer_input);
-        grads[1] = at::mm(dgates_t, saved.hiddens_prev);
+        grads[1] = at::mm(dgates_t, saved[d].hiddens_prev);
         if (cell.b_ih.defined()) {
-          grads[2] = dgates.sum(0);
+          grads[2] = dgates[d].sum(0);
           grads[3] = grads[2].clone();
         }
         if (cell.has_projection()) {
-          const Tensor hidden_pre = saved.gates.narrow(1, 3 * H, H) * saved.tanh_cells;
-          grads[per_cell - 1] = at::mm(dh_rows.t(), hidden_pre);
+          const Tensor hidden_pre = saved[d].gates.narrow(1, 3 * H, H) * saved[d].tanh_cells;
+          grads[per_cell - 1] = at::mm(dh_rows[d].t(), hidden_pre);
         }
         if (d == 0) {
-          grad_layer_input = at::mm(dgates, cell.w_ih);
+          grad_layer_input = at::mm(dgates[d], cell.w_ih);
         } else {
-          grad_layer_input.addmm_(dgates, cell.w_ih);
+          grad_layer_input.addmm_(dgates[d], cell.w_ih);
         }
       }
       if (l > 0 && ws.has_dropout()) grad_layer_input.mul_(ws.dropout_masks[l - 1]);

@@ -8,7 +8,20 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CSRC = REPO_ROOT / "csrc"
-EXTRA_CFLAGS = ["-O3"]
+# OpenMP: the recurrent loop's threads are torch's OpenMP team (libgomp is already loaded by torch).
+EXTRA_LDFLAGS = ["-fopenmp"]
+# at::vec compiles to AVX2 (and Sleef's exp/tanh inside libtorch) only when told the CPU has it.
+AVX2_CFLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+
+
+def extra_cflags() -> list[str]:
+    """Compiler flags for every build path; AVX2 code only where this machine's CPU runs it."""
+    import torch
+
+    flags = ["-O3", "-fopenmp"]
+    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
+        flags += AVX2_CFLAGS
+    return flags
 
 
 def sources(root: Path = REPO_ROOT) -> list[str]:
@@ -31,7 +44,8 @@ def load(verbose: bool = False, **kwargs):
             "(or install the package with pip, which ships the compiled lstm_ext._C)"
         )
     kwargs.setdefault("name", "lstm_ext_jit")
-    kwargs.setdefault("extra_cflags", EXTRA_CFLAGS)
+    kwargs.setdefault("extra_cflags", extra_cflags())
+    kwargs.setdefault("extra_ldflags", EXTRA_LDFLAGS)
     return cpp_extension.load(sources=sources(), verbose=verbose, **kwargs)
 
 
