@@ -70,6 +70,7 @@ Steps make_steps(const Tensor& input, const std::optional<Tensor>& batch_sizes) 
                 "lstm_ext: batch_sizes must be non-increasing (sequences sorted by decreasing length), got ",
                 values[t - 1], " then ", values[t], " at step ", t);
   }
+  TORCH_CHECK(!values.empty(), "Expected sequence length to be larger than 0 in RNN");
   Steps steps = Steps::from_batch_sizes(std::move(values));
   TORCH_CHECK(steps.rows() == input.size(0), "lstm_ext: batch_sizes sum to ", steps.rows(),
               " but the packed input has ", input.size(0), " rows");
@@ -93,6 +94,9 @@ void check_input(const Tensor& input, const std::optional<Tensor>& batch_sizes) 
   const bool dense = !batch_sizes.has_value();
   TORCH_CHECK(input.dim() == (dense ? 3 : 2), "lstm_ext: expected ", dense ? "3-D [T, B, I]" : "2-D packed [N, I]",
               " input, got ", input.dim(), "-D");
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "lstm_ext: expected a floating point input, got ",
+              input.scalar_type());
+  TORCH_CHECK(!dense || input.size(0) > 0, "Expected sequence length to be larger than 0 in RNN");
 }
 
 StackShape check_forward_args(const Tensor& input, const Steps& steps, const Tensor& hx, const Tensor& cx,

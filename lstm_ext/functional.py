@@ -105,6 +105,11 @@ def _check_cell_args(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: 
 
 def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional):
     params = list(params)
+    for tensor in (input, hx, cx, *params):
+        if tensor.device.type not in ("cpu", "meta"):
+            raise NotImplementedError(
+                f"lstm_ext runs on CPU only, got a tensor on {tensor.device}; use torch.nn.LSTM there"
+            )
     need_workspace = torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params))
     output, hy, cy, _ = _ops.forward(
         input, batch_sizes, hx, cx, params, has_biases, num_layers, float(dropout), train, bidirectional, need_workspace
