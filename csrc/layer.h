@@ -44,9 +44,6 @@ struct DirectionSaved {
   Tensor hiddens_prev;  // [N, P]  h_{t-1}
 };
 
-// A step's recurrent GEMM needs only a little work per thread before splitting it stops paying.
-constexpr int64_t kMinStepWorkPerThread = 1 << 15;  // multiply-adds
-
 template <typename scalar_t>
 bool has_fast_gemm() {
   if constexpr (std::is_same_v<scalar_t, float>) return sgemm_ != nullptr;
@@ -54,21 +51,29 @@ bool has_fast_gemm() {
   return false;
 }
 
-// How many threads share one direction's steps (all in the team, or one).
+// Below this many multiply-adds per thread, splitting a step costs more than it saves.
+constexpr int64_t kMinStepWorkPerThread = 1 << 15;
+// Below this many multiply-adds in a whole direction, starting a second thread does not pay.
+constexpr int64_t kMinDirectionWork = 1 << 20;
+
+// How many threads run a layer: directions run concurrently when they are big enough, and each
+// direction's steps are split between threads when a step is big enough. Only with the raw BLAS
+// path: the ATen fallback may throw, which must not happen while a barrier waits.
 template <typename scalar_t>
-int threads_per_direction(int64_t batch, int64_t H, int64_t P) {
-  if (!has_fast_gemm<scalar_t>()) return 1;
-  const int64_t useful = batch * 4 * H * P / kMinStepWorkPerThread;
-  return static_cast<int>(std::clamp<int64_t>(useful, 1, at::get_num_threads()));
+int layer_threads(const Steps& steps, int64_t num_directions, int64_t H, int64_t P) {
+  const int64_t available = at::get_num_threads();
+  if (!has_fast_gemm<scalar_t>() || available < 2 || steps.rows() * 4 * H * P < kMinDirectionWork) return 1;
+  const int64_t per_direction = std::max<int64_t>(1, available / num_directions);
+  const int64_t split = std::clamp<int64_t>(steps.max_batch() * 4 * H * P / kMinStepWorkPerThread, 1, per_direction);
+  return static_cast<int>(num_directions * split);
 }
 
-// Runs run_direction(d, member) for each of num_directions directions. Two directions are
-// independent, so with two threads or more each gets its own half of the team.
-template <typename scalar_t, typename RunDirection>
+// Runs run_direction(d, member) for each of num_directions directions on up to `threads`
+// threads. Two directions are independent, so with two threads or more each gets half the team.
+template <typename RunDirection>
 void for_each_direction(int64_t num_directions, int threads, const RunDirection& run_direction) {
   std::array<SpinBarrier, 2> barriers;
-  const int wanted = num_directions == 2 ? std::max(2, threads) : threads;
-  run_on_threads(has_fast_gemm<scalar_t>() ? wanted : 1, [&](int thread, int team_size) {
+  run_on_threads(threads, [&](int thread, int team_size) {
     if (num_directions == 2 && team_size >= 2) {
       const int d = thread % 2;
       TeamMember member{thread / 2, team_size / 2 + (d < team_size % 2 ? 1 : 0), &barriers[d]};

@@ -194,7 +194,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   Tensor layer_input = input.reshape({N, s.input_size});
   Tensor layer_output;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::forward", [&] {
-    const int threads = threads_per_direction<scalar_t>(steps.max_batch(), H, P);
+    const int threads = layer_threads<scalar_t>(steps, D, H, P);
     for (int64_t l = 0; l < num_layers; ++l) {
       const bool last = l == num_layers - 1;
       layer_output = need_workspace && !last ? ws.layer_inputs[l] : at::empty({N, D * P}, opts);
@@ -212,7 +212,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
         h_pres.push_back(h_pre.defined() ? h_pre[d] : Tensor());
         saved.push_back(need_workspace ? ws.direction(c) : DirectionSaved{});
       }
-      for_each_direction<scalar_t>(D, threads, [&](int d, TeamMember member) {
+      for_each_direction(D, threads, [&](int d, TeamMember member) {
         FullLayer{steps, d == 1}.forward<scalar_t>(cells[l * D + d], gates[d], h0s[d], hys[d], cys[d], outputs[d],
                                                    need_workspace ? &saved[d] : nullptr, h_pres[d], member);
       });
@@ -260,7 +260,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
   const Tensor dh_pre = cells.front().has_projection() ? at::empty({D, steps.max_batch(), H}, hx.options()) : Tensor();
   Tensor grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::backward", [&] {
-    const int threads = threads_per_direction<scalar_t>(steps.max_batch(), H, P);
+    const int threads = layer_threads<scalar_t>(steps, D, H, P);
     for (int64_t l = num_layers - 1; l >= 0; --l) {
       const Tensor layer_input = l == 0 ? input.reshape({N, input.size(-1)}) : ws.layer_inputs[l - 1];
       std::vector<Tensor> dgates, dh_rows, grad_outs, dhs, dcs, dh_pres;
@@ -275,7 +275,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
         dh_pres.push_back(dh_pre.defined() ? dh_pre[d] : Tensor());
         saved.push_back(ws.direction(c));
       }
-      for_each_direction<scalar_t>(D, threads, [&](int d, TeamMember member) {
+      for_each_direction(D, threads, [&](int d, TeamMember member) {
         FullLayer{steps, d == 1}.backward<scalar_t>(cells[l * D + d], saved[d], grad_outs[d], dhs[d], dcs[d],
                                                     dgates[d], dh_rows[d], dh_pres[d], member);
       });

@@ -28,6 +28,10 @@ namespace lstm_ext {
 
 class SpinBarrier {
  public:
+  // A few microseconds: a step's partner normally arrives well within that. Past it the partner
+  // is likely descheduled (another process on its core), and spinning would only delay it.
+  static constexpr int kSpinsBeforeYield = 1 << 10;
+
   // Every member calls this with the same size before its first wait.
   void set_size(int size) { size_.store(size, std::memory_order_relaxed); }
 
@@ -39,7 +43,7 @@ class SpinBarrier {
       return;
     }
     for (int spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
-      if (spins < (1 << 14)) {
+      if (spins < kSpinsBeforeYield) {
         LSTM_EXT_CPU_RELAX();
       } else {
         std::this_thread::yield();  // oversubscribed: let the late member run

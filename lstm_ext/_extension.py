@@ -36,8 +36,15 @@ def load(verbose: bool = False, **kwargs):
     The build is cached by torch (``TORCH_EXTENSIONS_DIR``), so only the first call compiles.
     Extra keyword arguments go to ``torch.utils.cpp_extension.load``.
     """
+    import torch
     from torch.utils import cpp_extension
 
+    if _operators_registered():
+        # A second library would register the lstm_ext namespace again, which aborts the process.
+        raise RuntimeError(
+            "lstm_ext: the operators are already loaded in this process (import lstm_ext loads them); "
+            "JIT-build in a fresh process instead, before or without importing lstm_ext"
+        )
     if not (CSRC / "sources.txt").is_file():
         raise RuntimeError(
             f"lstm_ext: no C++ sources at {CSRC}; the JIT build needs a source checkout "
@@ -47,6 +54,12 @@ def load(verbose: bool = False, **kwargs):
     kwargs.setdefault("extra_cflags", extra_cflags())
     kwargs.setdefault("extra_ldflags", EXTRA_LDFLAGS)
     return cpp_extension.load(sources=sources(), verbose=verbose, **kwargs)
+
+
+def _operators_registered() -> bool:
+    import torch
+
+    return hasattr(torch.ops.lstm_ext, "forward")
 
 
 def import_operators():

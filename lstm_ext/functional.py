@@ -8,6 +8,7 @@ fake (shape-only) implementations through ``torch.library``, so autograd, ``torc
 from collections.abc import Sequence
 
 import torch
+import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
 _ops = torch.ops.lstm_ext
@@ -109,6 +110,12 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         if tensor.device.type not in ("cpu", "meta"):
             raise NotImplementedError(
                 f"lstm_ext runs on CPU only, got a tensor on {tensor.device}; use torch.nn.LSTM there"
+            )
+        # Without this, forward-mode AD would silently drop the tangents.
+        if forward_ad.unpack_dual(tensor).tangent is not None:
+            raise NotImplementedError(
+                "lstm_ext: forward-mode AD (torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad) "
+                "is not supported"
             )
     need_workspace = torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params))
     output, hy, cy, _ = _ops.forward(

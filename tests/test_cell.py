@@ -1,0 +1,95 @@
+"""lstm_ext.lstm_cell / lstm_ext.LSTMCell against torch.lstm_cell / nn.LSTMCell (float64)."""
+
+import pytest
+import torch
+from conftest import (
+    BATCH,
+    HIDDEN_SIZE,
+    INPUT_SIZE,
+    assert_same_error,
+    compare,
+    leaf_copies,
+    make_pair,
+    weighted_sum_loss,
+)
+from torch import nn
+
+import lstm_ext
+
+DTYPE = torch.float64
+
+
+def _random(*shape):
+    return torch.randn(shape, dtype=DTYPE)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_functional_lstm_cell_matches_torch_lstm_cell(bias):
+    torch.manual_seed(0)
+    gates = 4 * HIDDEN_SIZE
+    tensors = [_random(BATCH, INPUT_SIZE), _random(BATCH, HIDDEN_SIZE), _random(BATCH, HIDDEN_SIZE)]
+    tensors += [_random(gates, INPUT_SIZE), _random(gates, HIDDEN_SIZE)]
+    if bias:
+        tensors += [_random(gates), _random(gates)]
+
+    def run(lstm_cell):
+        input, h, c, *weights = leaves = leaf_copies(tensors)
+        outputs = lstm_cell(input, (h, c), *weights)
+        weighted_sum_loss(outputs).backward()
+        return outputs, [leaf.grad for leaf in leaves]
+
+    ext_outputs, ext_grads = run(lstm_ext.lstm_cell)
+    native_outputs, native_grads = run(torch.lstm_cell)
+
+    compare(ext_outputs, native_outputs, msg="(h_1, c_1)")
+    compare(ext_grads, native_grads, msg="grads of (input, h, c, *weights)")
+
+
+def _run_cell(cell, input, hx):
+    input, *hx = leaf_copies([input, *hx])
+    cell.zero_grad(set_to_none=True)
+    outputs = cell(input, tuple(hx)) if hx else cell(input)
+    weighted_sum_loss(outputs).backward()
+    grads = {"input": input.grad, **{name: p.grad for name, p in cell.named_parameters()}}
+    if hx:
+        grads["h"], grads["c"] = hx[0].grad, hx[1].grad
+    return outputs, grads
+
+
+def test_lstm_cell_is_a_subclass_of_nn_lstm_cell():
+    assert issubclass(lstm_ext.LSTMCell, nn.LSTMCell)
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("hx_given", [True, False], ids=["hx", "nohx"])
+@pytest.mark.parametrize("unbatched", [False, True], ids=["batched", "unbatched"])
+def test_lstm_cell_module_matches_native(bias, hx_given, unbatched):
+    native, ext = make_pair(
+        dtype=DTYPE, module_class=nn.LSTMCell, input_size=INPUT_SIZE, hidden_size=HIDDEN_SIZE, bias=bias
+    )
+    batch_dims = () if unbatched else (BATCH,)
+    input = _random(*batch_dims, INPUT_SIZE)
+    hx = [_random(*batch_dims, HIDDEN_SIZE), _random(*batch_dims, HIDDEN_SIZE)] if hx_given else []
+
+    ext_outputs, ext_grads = _run_cell(ext, input, hx)
+    native_outputs, native_grads = _run_cell(native, input, hx)
+
+    compare(ext_outputs, native_outputs, msg="(h_1, c_1)")
+    compare(ext_grads, native_grads, msg="grad")
+
+
+@pytest.mark.parametrize(
+    "make_args",
+    [
+        pytest.param(lambda: (_random(BATCH, INPUT_SIZE + 1),), id="input-size-mismatch"),
+        pytest.param(lambda: (_random(2, BATCH, INPUT_SIZE),), id="3d-input"),
+        pytest.param(
+            lambda: (_random(BATCH, INPUT_SIZE), (_random(BATCH, HIDDEN_SIZE + 1), _random(BATCH, HIDDEN_SIZE))),
+            id="h-size-mismatch",
+        ),
+    ],
+)
+def test_lstm_cell_bad_input_raises_same_error_as_native(make_args):
+    native, ext = make_pair(dtype=DTYPE, module_class=nn.LSTMCell, input_size=INPUT_SIZE, hidden_size=HIDDEN_SIZE)
+    args = make_args()
+    assert_same_error(lambda: native(*args), lambda: ext(*args))

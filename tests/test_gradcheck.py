@@ -1,0 +1,77 @@
+"""Finite-difference checks of lstm_ext.lstm's hand-written backward (float64, tiny sizes)."""
+
+import pytest
+import torch
+from conftest import leaf_copies, make_hx, make_input, make_lstm_pair, weighted_sum_loss
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import lstm_ext
+
+GRADCHECK_SIZES = dict(input_size=2, hidden_size=3)
+SEQ_LEN = 3
+BATCH = 2
+
+GRADCHECK_CONFIGS = [
+    pytest.param(dict(num_layers=1, bidirectional=False), id="layers1-uni"),
+    pytest.param(dict(num_layers=1, bidirectional=True), id="layers1-bi"),
+    pytest.param(dict(num_layers=2, bidirectional=False), id="layers2-uni"),
+    pytest.param(dict(num_layers=2, bidirectional=True, proj_size=2), id="layers2-bi-proj"),
+    pytest.param(dict(num_layers=2, bidirectional=True, bias=False), id="layers2-bi-nobias"),
+    pytest.param(dict(num_layers=2, bidirectional=False, proj_size=1, batch_first=True), id="layers2-uni-proj-batchfirst"),
+]
+
+
+def _lstm_inputs(config, lengths=None):
+    """Leaf tensors (input, h0, c0, *flat weights) and an ``lstm_ext.lstm`` closure over them.
+
+    With ``lengths`` the input is packed and the closure uses the packed overload (the
+    first leaf is then the packed data).
+    """
+    dtype = torch.float64
+    native, _ = make_lstm_pair(dtype=dtype, **GRADCHECK_SIZES, **config)
+    input = make_input(
+        dtype, seq_len=SEQ_LEN, batch=BATCH, input_size=GRADCHECK_SIZES["input_size"], batch_first=native.batch_first
+    )
+    if lengths is None:
+        sequence_args, flags = (), (native.batch_first,)
+    else:
+        packed = pack_padded_sequence(input, lengths, batch_first=native.batch_first)
+        input, sequence_args, flags = packed.data, (packed.batch_sizes,), ()
+    leaves = leaf_copies([input, *make_hx(native, dtype, batch=BATCH), *native._flat_weights])
+
+    def lstm(input, h0, c0, *weights):
+        return lstm_ext.lstm(
+            input,
+            *sequence_args,
+            (h0, c0),
+            list(weights),
+            native.bias,
+            native.num_layers,
+            0.0,
+            True,
+            native.bidirectional,
+            *flags,
+        )
+
+    return lstm, leaves
+
+
+@pytest.mark.parametrize("config", GRADCHECK_CONFIGS)
+def test_gradcheck_input_hidden_and_weights(config):
+    lstm, leaves = _lstm_inputs(config)
+    assert torch.autograd.gradcheck(lstm, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# Packed input with bidirectional, projected and batch_first models.
+@pytest.mark.parametrize("config", GRADCHECK_CONFIGS[1::2])
+def test_gradcheck_packed_sequence(config):
+    lstm, leaves = _lstm_inputs(config, lengths=torch.tensor([SEQ_LEN, SEQ_LEN - 2]))
+    assert torch.autograd.gradcheck(lstm, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", GRADCHECK_CONFIGS)
+def test_double_backward_raises_clear_runtime_error(config):
+    lstm, leaves = _lstm_inputs(config)
+    with pytest.raises(RuntimeError, match=r"(?i)double backward|twice|second.order|not (implemented|supported)"):
+        first_order_grads = torch.autograd.grad(weighted_sum_loss(lstm(*leaves)), leaves, create_graph=True)
+        torch.autograd.grad(sum(grad.sum() for grad in first_order_grads), leaves, allow_unused=True)
