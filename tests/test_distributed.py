@@ -1,0 +1,96 @@
+"""lstm_ext.LSTM under DistributedDataParallel: 2 gloo processes on 127.0.0.1 train like one.
+
+Each rank trains on its half of every batch; DDP averages the gradients, so with a mean loss
+(equal halves) the ranks end with the parameters one process gets training native nn.LSTM on
+the whole batches. Every wait is bounded, so a broken rendezvous fails the test, never hangs it.
+"""
+
+import time
+from datetime import timedelta
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import PROJ_SIZE, SEQ_LEN, compare, make_input, make_lstm_pair
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and dist.is_gloo_available()), reason="needs torch.distributed with gloo"
+)
+
+DTYPE = torch.float64
+CONFIG = dict(num_layers=2, bidirectional=True, proj_size=PROJ_SIZE, batch_first=True)
+WORLD_SIZE = 2
+BATCH_PER_RANK = 2
+STEPS = 3
+LEARNING_RATE = 0.5
+RENDEZVOUS_TIMEOUT = timedelta(seconds=60)
+JOIN_TIMEOUT_S = 120
+
+
+def batches():
+    """STEPS (input, target) pairs of WORLD_SIZE * BATCH_PER_RANK sequences, the same in every process."""
+    torch.manual_seed(1)
+    batch = WORLD_SIZE * BATCH_PER_RANK
+    return [
+        (make_input(DTYPE, batch=batch, batch_first=True), torch.randn(batch, SEQ_LEN, 2 * PROJ_SIZE, dtype=DTYPE))
+        for _ in range(STEPS)
+    ]
+
+
+def train(model, batches):
+    """STEPS of SGD on the mean squared error of the LSTM output; returns the final parameters."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=LEARNING_RATE)
+    for input, target in batches:
+        optimizer.zero_grad()
+        output, _ = model(input)
+        nn.functional.mse_loss(output, target).backward()
+        optimizer.step()
+    return {name.removeprefix("module."): p.detach() for name, p in model.named_parameters()}
+
+
+def train_rank(rank, store_port, result_dir):
+    """One DDP process: trains lstm_ext.LSTM on its shard, saves its parameters."""
+    torch.set_num_threads(1)  # two processes share the machine's cores
+    store = dist.TCPStore("127.0.0.1", store_port, WORLD_SIZE, is_master=False, timeout=RENDEZVOUS_TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=WORLD_SIZE, timeout=RENDEZVOUS_TIMEOUT)
+    try:
+        _, ext = make_lstm_pair(**CONFIG)
+        shard = slice(rank * BATCH_PER_RANK, (rank + 1) * BATCH_PER_RANK)
+        parameters = train(DistributedDataParallel(ext), [(x[shard], y[shard]) for x, y in batches()])
+        torch.save(parameters, result_dir / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(result_dir):
+    """Spawns the WORLD_SIZE ranks around a store this process hosts (the OS picks its free
+    port); fails if they do not all finish within JOIN_TIMEOUT_S."""
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=RENDEZVOUS_TIMEOUT)
+    context = mp.start_processes(
+        train_rank, args=(store.port, result_dir), nprocs=WORLD_SIZE, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    try:
+        while not context.join(timeout=max(deadline - time.monotonic(), 0)):
+            if time.monotonic() >= deadline:
+                pytest.fail(f"DDP ranks did not finish within {JOIN_TIMEOUT_S} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+
+
+def test_ddp_training_matches_single_process_on_the_whole_batch(tmp_path):
+    run_ranks(tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+    native, _ = make_lstm_pair(**CONFIG)
+    initial = {name: p.detach().clone() for name, p in native.named_parameters()}
+    expected = train(native, batches())
+
+    for rank_parameters in ranks[1:]:
+        assert all(torch.equal(rank_parameters[name], ranks[0][name]) for name in expected), "ranks diverged"
+    assert not any(torch.equal(ranks[0][name], initial[name]) for name in expected), "a parameter did not train"
+    compare(ranks[0], expected, msg="DDP parameters vs one process on the whole batch")
