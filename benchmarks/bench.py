@@ -1,0 +1,380 @@
+"""Benchmark lstm_ext.lstm against the native torch._VF.lstm on CPU.
+
+Contenders, run in one process on the same seeded inputs and weights:
+
+  lstm_ext        lstm_ext.lstm, same arguments as torch._VF.lstm
+  native_default  torch._VF.lstm as it runs by default: oneDNN for CPU float32
+                  padded input (float64 and packed input use ATen's loop anyway)
+  aten_loop       torch._VF.lstm under torch.backends.mkldnn.flags(enabled=False),
+                  i.e. the layer loop in ATen's RNN.cpp
+  cell_loop       the hand-written Python loop over nn.LSTMCell (small padded
+                  shapes only)
+
+Each row is one shape in one mode. "inference" is a forward pass under
+torch.inference_mode; "training" is forward + backward of a fixed
+random-weighted sum of output, h_n and c_n, taking gradients of the input and
+all weights. Packed rows use the packed overload (seeded lengths uniform in
+[T/4, T], the longest pinned to T) and are followed by a `<name>_padded` row of
+the same max length.
+
+Correctness comes first: each contender's outputs (and gradients) must match
+native_default to max|diff| / max|native| <= 1e-4 (float32) or 1e-9 (float64).
+A row that does not is marked FAILED, is not timed, and makes the exit status 1.
+
+Timing: every contender runs at the same thread count (printed and recorded).
+After warm-up, each repeat times every contender once, round-robin in a
+seeded random order (so no contender always follows the same one). A sample
+averages enough calls to last >= 5 ms; the reported time is the median sample.
+gc is disabled while timing, and training calls get freshly cloned input and
+weights each call (gradients come from torch.autograd.grad, so nothing
+accumulates).
+
+Reported per row: median ms per contender; ratios contender / lstm_ext (> 1:
+lstm_ext faster); lstm_ext GFLOP/s counting GEMM flops only, 2*4H*(in+H) per
+token, layer and direction, training as 3x forward; and that as a share of
+this machine's GEMM peak (best 1024^3 torch.mm before and after the rows,
+same process and threads).
+Per mode: the geometric mean of each ratio. Written to --out as results.json,
+results.md and ratios.png.
+
+    python benchmarks/bench.py                 # quick grid, < 3 min on 2 cores
+    python benchmarks/bench.py --full --mode training --dtype float32
+    python benchmarks/bench.py --shapes large,speech --repeats 5
+"""
+
+import argparse
+import gc
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+from datetime import datetime
+from itertools import product
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from bench_cases import (TOLERANCE, Shape, compare, forward_flops, make_contenders, make_problem,
+                         result_names, step)
+from bench_report import geomeans, markdown, plot_ratios, terminal_table, write_json
+
+MIN_SAMPLE_S = 5e-3  # one timed sample averages enough calls to last this long
+MAX_CALLS_PER_SAMPLE = 100
+REFERENCE = "native_default"
+TRAINING_FLOP_FACTOR = 3  # backward ~ 2x forward
+
+
+def with_padded_twins(shapes: tuple) -> tuple:
+    """Follow each packed shape with a padded shape of the same max length."""
+    out = []
+    for s in shapes:
+        out.append(s)
+        if s.packed:
+            out.append(replace(s, name=f"{s.name}_padded", packed=False))
+    return tuple(out)
+
+
+SMALL = Shape("small", 50, 16, 128, 128, cell_loop=True)
+LATENCY = Shape("latency", 20, 4, 64, 64, cell_loop=True)
+BATCH1 = Shape("batch1", 200, 1, 256, 256, cell_loop=True)
+PACKED_SMALL = Shape("packed_small", 50, 16, 64, 64, packed=True, cell_loop=True)
+
+GRIDS = {
+    "tiny": with_padded_twins((
+        Shape("tiny", 5, 3, 8, 8, cell_loop=True),
+        Shape("tiny_bidir2", 5, 3, 8, 6, layers=2, bidirectional=True, cell_loop=True),
+        Shape("tiny_f64", 5, 3, 8, 8, dtype="float64", cell_loop=True),
+        Shape("tiny_packed", 6, 4, 8, 8, bidirectional=True, packed=True, cell_loop=True),
+    )),
+    "quick": with_padded_twins((
+        LATENCY,
+        SMALL,
+        BATCH1,
+        Shape("quick_gemm", 50, 32, 256, 256),
+        Shape("quick_bidir2", 50, 16, 128, 128, layers=2, bidirectional=True, cell_loop=True),
+        replace(SMALL, name="small_f64", dtype="float64"),
+        PACKED_SMALL,
+        Shape("quick_packed_bidir", 50, 32, 128, 128, bidirectional=True, packed=True),
+    )),
+    "full": with_padded_twins((
+        Shape("large", 100, 64, 512, 512),
+        Shape("bidir", 100, 64, 512, 256, bidirectional=True),
+        SMALL,
+        LATENCY,
+        BATCH1,
+        Shape("wide", 35, 32, 256, 1024),
+        Shape("speech", 512, 32, 80, 256, layers=3, bidirectional=True),
+        replace(SMALL, name="small_f64", dtype="float64"),
+        replace(LATENCY, name="latency_f64", dtype="float64"),
+        replace(BATCH1, name="batch1_f64", dtype="float64"),
+        Shape("packed", 100, 64, 256, 256, packed=True),
+        Shape("packed_bidir", 100, 64, 256, 256, bidirectional=True, packed=True),
+        PACKED_SMALL,
+        Shape("packed_long_bidir", 200, 8, 128, 128, bidirectional=True, packed=True),
+    )),
+}
+ALL_SHAPES = {s.name: s for grid in GRIDS.values() for s in grid}
+DEFAULT_REPEATS = {"tiny": 3, "quick": 11, "full": 7}
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    grid = parser.add_mutually_exclusive_group()
+    for name in GRIDS:
+        grid.add_argument(f"--{name}", dest="grid", action="store_const", const=name,
+                          help=f"{name} shape grid" + (" (default)" if name == "quick" else ""))
+    parser.set_defaults(grid="quick")
+    parser.add_argument("--mode", choices=("inference", "training", "all"), default="all")
+    parser.add_argument("--dtype", choices=("float32", "float64", "all"), default="all")
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), metavar="N",
+                        help="torch threads for every contender (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",
+                        metavar="DIR", help="output directory (default: benchmarks/results)")
+    parser.add_argument("--shapes", metavar="NAME[,NAME]",
+                        help="shapes from any grid: " + ", ".join(ALL_SHAPES))
+    default_repeats = ", ".join(f"{k} {v}" for k, v in DEFAULT_REPEATS.items())
+    parser.add_argument("--repeats", type=positive_int, metavar="N",
+                        help=f"timed samples per contender (default: {default_repeats})")
+    args = parser.parse_args(argv)
+    args.shape_list = select_shapes(parser, args)
+    args.repeats = args.repeats or DEFAULT_REPEATS[args.grid]
+    return args
+
+
+def select_shapes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list:
+    if args.shapes:
+        names = args.shapes.split(",")
+        unknown = [n for n in names if n not in ALL_SHAPES]
+        if unknown:
+            parser.error(f"unknown shapes {unknown}; known: {', '.join(ALL_SHAPES)}")
+        shapes = [ALL_SHAPES[n] for n in names]
+    else:
+        shapes = list(GRIDS[args.grid])
+    shapes = [s for s in shapes if args.dtype in ("all", s.dtype)]
+    if not shapes:
+        parser.error("no shapes left to run")
+    return shapes
+
+
+def load_ext_lstm() -> tuple:
+    """lstm_ext.lstm and where it came from, or a stand-in that raises why it is missing."""
+    try:
+        import lstm_ext
+    except ImportError as exc:
+        reason = f"lstm_ext is not importable: {exc}"
+
+        def unavailable(*args):
+            raise RuntimeError(reason)
+
+        return unavailable, reason
+    return lstm_ext.lstm, lstm_ext.__file__
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def environment(threads: int, ext_info: str) -> dict:
+    return {
+        "date": datetime.now().astimezone().isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu": cpu_model(),
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "mkldnn_available": torch.backends.mkldnn.is_available(),
+        "lstm_ext": ext_info,
+        "load_average_1min_at_start": os.getloadavg()[0],
+    }
+
+
+def gemm_peak_gflops(dtype: str, n: int = 1024, repeats: int = 5) -> float:
+    """Best n^3 torch.mm throughput at the current thread count."""
+    a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
+    out = torch.mm(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best / 1e9
+
+
+@contextmanager
+def gc_disabled():
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def run_once(contender, problem, train: bool) -> list:
+    call = contender.make_call(problem, train)
+    with contender.context(), torch.inference_mode(not train):
+        return step(call, train, problem.loss_weights)
+
+
+def time_sample(contender, problem, train: bool, n_calls: int) -> float:
+    """Seconds per call, averaged over n_calls calls with fresh arguments."""
+    calls = [contender.make_call(problem, train) for _ in range(n_calls)]
+    with contender.context(), torch.inference_mode(not train):
+        start = time.perf_counter()
+        for call in calls:
+            step(call, train, problem.loss_weights)
+        return (time.perf_counter() - start) / n_calls
+
+
+def calls_per_sample(contender, problem, train: bool) -> int:
+    """Warm up once more and size a sample so that it lasts >= MIN_SAMPLE_S."""
+    seconds = time_sample(contender, problem, train, 1)
+    return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_S / seconds)))
+
+
+def check_row(problem, train: bool, contenders: list) -> tuple:
+    """Compare every contender with native_default (first warm-up call).
+
+    Returns ({contender: worst relative error}, failure message or None).
+    """
+    names = result_names(problem, train)
+    expected = run_once(next(c for c in contenders if c.name == REFERENCE), problem, train)
+    tol = TOLERANCE[problem.shape.dtype]
+    errors, failures = {}, []
+    for contender in contenders:
+        if contender.name == REFERENCE:
+            continue
+        try:
+            actual = run_once(contender, problem, train)
+        except Exception as exc:  # a crashing contender fails its row, not the run
+            failures.append(f"{contender.name} raised {type(exc).__name__}: {exc}")
+            continue
+        err, worst = compare(names, actual, expected)
+        errors[contender.name] = err
+        if not err <= tol:
+            failures.append(f"{contender.name} {worst} rel err {err:.2e} > {tol:.0e}")
+    return errors, "; ".join(failures) or None
+
+
+def measure_row(shape: Shape, mode: str, contenders: list, repeats: int) -> dict:
+    train = mode == "training"
+    problem = make_problem(shape)
+    active = [c for c in contenders if c.applies(shape)]
+    flops = forward_flops(shape, problem.tokens) * (TRAINING_FLOP_FACTOR if train else 1)
+    row = {**asdict(shape), "dims": shape.describe(), "mode": mode, "tokens": problem.tokens,
+           "gflop": flops / 1e9, "status": "ok", "error": None, "max_rel_error": {},
+           "time_ms": {}, "calls_per_sample": {}, "ratios": {}, "gflops_lstm_ext": None,
+           "peak_fraction": None}
+    with gc_disabled():
+        row["max_rel_error"], failure = check_row(problem, train, active)
+        if failure:
+            return {**row, "status": "FAILED", "error": failure}
+        n_calls = {c.name: calls_per_sample(c, problem, train) for c in active}
+        samples = {c.name: [] for c in active}
+        order = random.Random(0)
+        for _ in range(repeats):
+            for c in order.sample(active, len(active)):
+                samples[c.name].append(time_sample(c, problem, train, n_calls[c.name]))
+    seconds = {name: statistics.median(s) for name, s in samples.items()}
+    ext = seconds.pop("lstm_ext")
+    gflops = flops / ext / 1e9
+    return {**row, "calls_per_sample": n_calls,
+            "time_ms": {"lstm_ext": 1e3 * ext, **{n: 1e3 * s for n, s in seconds.items()}},
+            "ratios": {n: s / ext for n, s in seconds.items()},
+            "gflops_lstm_ext": gflops}
+
+
+def measure_rows(args: argparse.Namespace, contenders: list) -> list:
+    """Every (shape, mode) row, with a progress bar."""
+    modes = ("inference", "training") if args.mode == "all" else (args.mode,)
+    rows = []
+    with tqdm(list(product(args.shape_list, modes)), desc="lstm bench", unit="row") as bar:
+        for shape, mode in bar:
+            bar.set_postfix_str(f"{shape.name} {mode}")
+            rows.append(measure_row(shape, mode, contenders, args.repeats))
+    return rows
+
+
+def add_peak_fractions(rows: list, peaks: dict) -> None:
+    for row in rows:
+        if row["gflops_lstm_ext"] is not None:
+            row["peak_fraction"] = row["gflops_lstm_ext"] / peaks[row["dtype"]]
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Measure the GEMM peak and every row; return the JSON payload."""
+    started = time.perf_counter()
+    ext_lstm, ext_info = load_ext_lstm()
+    env = environment(args.threads, ext_info)
+    print(f"torch {env['torch']} | {env['cpu']} | threads {args.threads} | "
+          f"load avg {env['load_average_1min_at_start']:.2f} | lstm_ext: {ext_info}")
+    dtypes = sorted({s.dtype for s in args.shape_list})
+    peaks_before = {d: gemm_peak_gflops(d) for d in dtypes}
+    rows = measure_rows(args, make_contenders(ext_lstm))
+    # The better of before and after the rows: a busy machine only ever lowers it.
+    peaks = {d: max(g, gemm_peak_gflops(d)) for d, g in peaks_before.items()}
+    print("GEMM peak (1024^3 mm): " + ", ".join(f"{d} {g:.1f} GFLOP/s" for d, g in peaks.items()))
+    add_peak_fractions(rows, peaks)
+    env["load_average_1min_at_end"] = os.getloadavg()[0]  # high: other load, noisy times
+    config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "shape_list"}
+    return {"environment": env, "config": config, "gemm_peak_gflops": peaks, "rows": rows,
+            "summary": geomeans(rows), "runtime_s": time.perf_counter() - started}
+
+
+def write_reports(payload: dict, out: Path) -> list:
+    """results.json, results.md and ratios.png under `out`; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "results.json", out / "results.md", out / "ratios.png"]
+    rows, summary = payload["rows"], payload["summary"]
+    write_json(paths[0], payload)
+    paths[1].write_text(markdown(rows, summary, payload["environment"], payload["gemm_peak_gflops"]))
+    plot_ratios(rows, paths[2])
+    return paths
+
+
+def main(argv=None) -> int:
+    """Run the benchmark and write its reports; returns 1 if any row FAILED, else 0."""
+    args = parse_args(argv)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="TF32 acceleration on top of oneDNN")
+            payload = run(args)
+    finally:
+        torch.set_num_threads(previous_threads)
+    paths = write_reports(payload, args.out)
+    rows, env = payload["rows"], payload["environment"]
+    print(terminal_table(rows, payload["summary"]))
+    for row in rows:
+        if row["status"] != "ok":
+            print(f"FAILED {row['name']} {row['mode']}: {row['error']}")
+    print(f"runtime {payload['runtime_s']:.1f} s, load avg {env['load_average_1min_at_start']:.2f}"
+          f" -> {env['load_average_1min_at_end']:.2f}; wrote " + ", ".join(map(str, paths)))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
