@@ -132,8 +132,9 @@ struct FullLayer {
       StepSaved<scalar_t> step_saved;
       if (saved) {
         scalar_t* saved_h = saved->hiddens_prev.data_ptr<scalar_t>() + row0 * P;
+        // Not with no columns: memcpy must not be given the null data of an empty tensor (P == 0).
         for (const auto& part : {from_output, from_hx}) {
-          for (int64_t r = 0; r < part.rows; ++r, saved_h += P) {
+          for (int64_t r = 0; r < part.rows && col_end > col_begin; ++r, saved_h += P) {
             std::memcpy(saved_h + col_begin, part.data + r * part.ld + col_begin, (col_end - col_begin) * sizeof(scalar_t));
           }
         }

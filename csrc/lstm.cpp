@@ -38,6 +38,15 @@ std::vector<CellParams> gather_params(TensorList params, bool has_biases, int64_
               " with projections) for ", cells, " layer-directions with has_biases=", has_biases, ", got ",
               params.size());
   const int64_t per_cell = params_per_cell(has_biases, has_projections);
+  // The sizes of a layer-direction are read off its weights: check their dimensions first.
+  const char* names[] = {"weight_ih", "weight_hh", "bias_ih", "bias_hh"};
+  for (int64_t k = 0; k < static_cast<int64_t>(params.size()); ++k) {
+    const int64_t slot = k % per_cell;
+    const bool is_weight = slot < 2 || (has_projections && slot == per_cell - 1);
+    const char* name = has_projections && slot == per_cell - 1 ? "weight_hr" : names[slot];
+    TORCH_CHECK(params[k].dim() == (is_weight ? 2 : 1), "lstm_ext: expected ", name, " of layer-direction ",
+                k / per_cell, " to be ", is_weight ? 2 : 1, "-D, got ", params[k].dim(), "-D");
+  }
   std::vector<CellParams> result;
   result.reserve(cells);
   for (int64_t i = 0; i < cells; ++i) {
@@ -64,11 +73,15 @@ Steps make_steps(const Tensor& input, const std::optional<Tensor>& batch_sizes) 
   const Tensor contiguous = sizes.contiguous();
   const int64_t* data = contiguous.data_ptr<int64_t>();
   std::vector<int64_t> values(data, data + contiguous.numel());
+  int64_t rows = 0;  // checked against the input before each addition, so it cannot overflow
   for (size_t t = 0; t < values.size(); ++t) {
     TORCH_CHECK(values[t] > 0, "lstm_ext: batch_sizes must be positive, got ", values[t], " at step ", t);
     TORCH_CHECK(t == 0 || values[t] <= values[t - 1],
                 "lstm_ext: batch_sizes must be non-increasing (sequences sorted by decreasing length), got ",
                 values[t - 1], " then ", values[t], " at step ", t);
+    TORCH_CHECK(values[t] <= input.size(0) - rows, "lstm_ext: batch_sizes sum to more than the ", input.size(0),
+                " rows of the packed input");
+    rows += values[t];
   }
   TORCH_CHECK(!values.empty(), "Expected sequence length to be larger than 0 in RNN");
   Steps steps = Steps::from_batch_sizes(std::move(values));

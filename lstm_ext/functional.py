@@ -39,6 +39,8 @@ def lstm_dense(
     """``torch._VF.lstm`` on a padded ``[T, B, I]`` (or ``[B, T, I]``) input."""
     h0, c0 = _unpack_hidden(hx)
     if batch_first:
+        if input.dim() != 3:
+            raise RuntimeError(f"lstm_ext: expected 3-D [B, T, I] input with batch_first=True, got {input.dim()}-D")
         input = input.transpose(0, 1)
     output, hy, cy = _forward(input, None, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional)
     if batch_first:
@@ -71,7 +73,7 @@ def lstm_cell(
     b_hh: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Drop-in for ``torch.lstm_cell``: one step on ``[B, I]``, returns ``(h_1, c_1)``."""
-    h0, c0 = _unpack_hidden(hx)
+    h0, c0 = _unpack_hidden(hx, "lstm_cell")
     _check_cell_args(input, h0, c0, w_ih, w_hh)
     has_biases = b_ih is not None
     if has_biases != (b_hh is not None):
@@ -81,9 +83,9 @@ def lstm_cell(
     return hy[0], cy[0]
 
 
-def _unpack_hidden(hx: Sequence[Tensor]) -> tuple[Tensor, Tensor]:
+def _unpack_hidden(hx: Sequence[Tensor], op: str = "lstm") -> tuple[Tensor, Tensor]:
     if len(hx) != 2:
-        raise RuntimeError("lstm expects two hidden states")
+        raise RuntimeError(f"{op} expects two hidden states")
     return hx[0], hx[1]
 
 
@@ -91,6 +93,9 @@ def _check_cell_args(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: 
     """The checks and messages of ATen's check_rnn_cell_forward_input/hidden."""
     if input.dim() != 2:
         raise RuntimeError(f"lstm_cell: expected input of 2 dimensions [batch, input_size], got {input.dim()}")
+    for name, weight in (("weight_ih", w_ih), ("weight_hh", w_hh)):
+        if weight.dim() != 2:
+            raise RuntimeError(f"lstm_cell: expected {name} of 2 dimensions, got {weight.dim()}")
     if input.size(1) != w_ih.size(1):
         raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {w_ih.size(1)}")
     for index, (state, size) in enumerate(((h0, w_hh.size(1)), (c0, w_hh.size(0) // 4))):
@@ -106,10 +111,14 @@ def _check_cell_args(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: 
 
 def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional):
     params = list(params)
+    if input.device.type not in ("cpu", "meta"):
+        raise NotImplementedError(f"lstm_ext runs on CPU only, got input on {input.device}; use torch.nn.LSTM there")
     for tensor in (input, hx, cx, *params):
-        if tensor.device.type not in ("cpu", "meta"):
-            raise NotImplementedError(
-                f"lstm_ext runs on CPU only, got a tensor on {tensor.device}; use torch.nn.LSTM there"
+        # One meta tensor among CPU ones would send the call to the shape-only implementation.
+        if tensor.device != input.device:
+            raise RuntimeError(
+                "lstm_ext: input, hidden states and parameters must be on one device, "
+                f"got input on {input.device} and a tensor on {tensor.device}"
             )
         # Without this, forward-mode AD would silently drop the tangents.
         if forward_ad.unpack_dual(tensor).tangent is not None:
@@ -117,6 +126,8 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
                 "lstm_ext: forward-mode AD (torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad) "
                 "is not supported"
             )
+    if batch_sizes is not None and batch_sizes.device.type != "cpu":
+        raise RuntimeError(f"lstm_ext: batch_sizes must be a CPU tensor, got one on {batch_sizes.device}")
     need_workspace = torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params))
     output, hy, cy, _ = _ops.forward(
         input, batch_sizes, hx, cx, params, has_biases, num_layers, float(dropout), train, bidirectional, need_workspace
