@@ -13,6 +13,7 @@ from torch.utils.cpp_extension import BuildExtension, CppExtension
 ROOT = Path(__file__).resolve().parent
 # The source list and flags shared with the JIT build, read without importing the package.
 build = runpy.run_path(str(ROOT / "lstm_ext" / "_extension.py"))
+BENCH_REQUIRES = ["tqdm", "matplotlib", "numpy"]
 
 setup(
     name="lstm_ext",
@@ -24,8 +25,8 @@ setup(
     packages=["lstm_ext"],
     install_requires=["torch"],
     extras_require={
-        "test": ["pytest", "hypothesis", "numpy"],
-        "bench": ["tqdm", "matplotlib", "numpy"],
+        "bench": BENCH_REQUIRES,
+        "test": ["pytest", "hypothesis", *BENCH_REQUIRES],  # the suite smoke-tests the benchmark
     },
     ext_modules=[
         CppExtension(
