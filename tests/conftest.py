@@ -38,6 +38,15 @@ def pytest_configure(config):
     )
 
 
+@pytest.fixture(params=[1, 2], ids=lambda threads: f"threads{threads}")
+def num_threads(request):
+    """Runs the test with 1 and with 2 torch threads, restoring the count afterwards."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(previous)
+
+
 def compare(actual, expected, msg=None):
     """assert_close with the tolerance of ``expected``'s dtype; recurses into tuples, lists and dicts."""
     if isinstance(expected, dict):

@@ -223,14 +223,6 @@ def test_non_contiguous_input_and_hidden_match_native():
     assert_matches_native(native, ext, input, hx)
 
 
-@pytest.fixture(params=[1, 2], ids=lambda threads: f"threads{threads}")
-def num_threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("proj_size", [0, 24], ids=lambda p: f"proj{p}")
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
 def test_single_and_multi_threaded_runs_match_native(num_threads, dtype, proj_size):

@@ -338,14 +338,6 @@ PYTHON_THREADS = 4
 CALLS_PER_THREAD = 2
 
 
-@pytest.fixture(params=[1, 2], ids=lambda n: f"torch-threads{n}")
-def num_threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def shared_modules():
     """Modules shared by all Python threads: reading the same weights concurrently is what a

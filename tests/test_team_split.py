@@ -16,14 +16,6 @@ from conftest import assert_matches_native, make_hx, make_input, make_lstm_pair
 INPUT_SIZE, HIDDEN_SIZE, PROJ_SIZE, SEQ_LEN, BATCH = 20, 75, 13, 6, 33
 
 
-@pytest.fixture(params=[1, 2], ids=lambda n: f"threads{n}")
-def num_threads(request):
-    previous = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize(
     "bidirectional, proj_size, packed",
