@@ -221,21 +221,3 @@ def test_non_contiguous_input_and_hidden_match_native():
     assert all(tensor.clone().stride() == tensor.stride() for tensor in (input, *hx))
 
     assert_matches_native(native, ext, input, hx)
-
-
-@pytest.mark.parametrize("proj_size", [0, 24], ids=lambda p: f"proj{p}")
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-def test_single_and_multi_threaded_runs_match_native(num_threads, dtype, proj_size):
-    input_size, hidden_size, seq_len, batch = 16, 64, 12, 16
-    native, ext = make_lstm_pair(
-        dtype=dtype,
-        input_size=input_size,
-        hidden_size=hidden_size,
-        proj_size=proj_size,
-        num_layers=2,
-        bidirectional=True,
-    )
-    input = make_input(dtype, seq_len=seq_len, batch=batch, input_size=input_size)
-    hx = make_hx(native, dtype, batch=batch)
-
-    assert_matches_native(native, ext, input, hx)
