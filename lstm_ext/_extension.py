@@ -1,7 +1,7 @@
 """Where the compiled operators come from: the installed ``lstm_ext._C``, or a JIT build.
 
-The C++ sources are listed once, in ``csrc/sources.txt``; setup.py, CMakeLists.txt and
-:func:`load` all read that list.
+The C++ sources are listed once, in ``csrc/sources.txt``, and the compiler and linker flags once,
+here; setup.py, CMakeLists.txt and :func:`load` all read both.
 """
 
 from pathlib import Path
@@ -36,14 +36,13 @@ def load(verbose: bool = False, **kwargs):
     The build is cached by torch (``TORCH_EXTENSIONS_DIR``), so only the first call compiles.
     Extra keyword arguments go to ``torch.utils.cpp_extension.load``.
     """
-    import torch
     from torch.utils import cpp_extension
 
     if _operators_registered():
         # A second library would register the lstm_ext namespace again, which aborts the process.
         raise RuntimeError(
             "lstm_ext: the operators are already loaded in this process (import lstm_ext loads them); "
-            "JIT-build in a fresh process instead, before or without importing lstm_ext"
+            "a fresh process whose `import lstm_ext` finds no compiled lstm_ext._C builds them itself"
         )
     if not (CSRC / "sources.txt").is_file():
         raise RuntimeError(
