@@ -12,6 +12,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <optional>
 
 namespace lstm_ext {
 
@@ -26,14 +27,26 @@ struct CellParams {
   int64_t hidden_size() const { return w_hh.size(0) / 4; }
   int64_t output_size() const { return w_hr.defined() ? w_hr.size(0) : hidden_size(); }
   bool has_projection() const { return w_hr.defined(); }
+};
 
-  // The input projection of every row at once, one GEMM: out = x W_ihᵀ + b_ih + b_hh, [N, 4H].
-  void linear_ih_out(Tensor& out, const Tensor& x) const {
-    if (b_ih.defined()) {
-      at::addmm_out(out, b_ih + b_hh, x, w_ih.t());
-    } else {
-      at::mm_out(out, x, w_ih.t());
-    }
+// One cell's weights packed once per call for all its products (see blas.h). The forward
+// multiplies by W_ih, W_hh and W_hr transposed, the backward by the weights themselves; each
+// packing cuts its columns into the groups a thread's share is taken from.
+template <typename scalar_t>
+struct PackedCell {
+  using Weight = blas::PackedWeight<scalar_t>;
+  Weight input, recurrent;
+  std::optional<Weight> projection;
+
+  static PackedCell for_forward(const CellParams& p) {
+    const int64_t H = p.hidden_size(), P = p.output_size();
+    return {Weight::rows_of(p.w_ih, 4 * H), Weight::rows_of(p.w_hh, H),
+            p.has_projection() ? std::optional<Weight>(Weight::rows_of(p.w_hr, P)) : std::nullopt};
+  }
+  static PackedCell for_backward(const CellParams& p) {
+    const int64_t H = p.hidden_size(), P = p.output_size();
+    return {Weight::columns_of(p.w_ih, p.w_ih.size(1)), Weight::columns_of(p.w_hh, P),
+            p.has_projection() ? std::optional<Weight>(Weight::columns_of(p.w_hr, H)) : std::nullopt};
   }
 };
 
@@ -207,20 +220,14 @@ struct LSTMCell {
     }
   }
 
-  // gates[:, gate columns of units] += h · W_hh[rows of units]ᵀ, for h [rows, P]. With all units
-  // one GEMM; with a slice, one per gate block.
+  // gates[:, gate columns of units] += h · W_hh[rows of units]ᵀ, for h [rows, P]: one product
+  // per gate block.
   template <typename scalar_t>
-  static void matmul_hh_add(Matrix<const scalar_t> h, const scalar_t* w_hh, int64_t H, UnitSlice units,
-                            scalar_t* gates) {
-    const int64_t P = h.cols;
-    if (units.size() == H) {
-      blas::gemm_nt<scalar_t>(h, {w_hh, 4 * H, P, P}, {gates, h.rows, 4 * H, 4 * H}, scalar_t(1));
-      return;
-    }
+  static void matmul_hh_add(Matrix<const scalar_t> h, const blas::PackedWeight<scalar_t>& w_hh, int64_t H,
+                            UnitSlice units, scalar_t* gates) {
     for (int64_t block = 0; block < 4; ++block) {
       const int64_t col = block * H + units.begin;
-      blas::gemm_nt<scalar_t>(h, {w_hh + col * P, units.size(), P, P}, {gates + col, h.rows, units.size(), 4 * H},
-                              scalar_t(1));
+      w_hh.multiply(h, col, {gates + col, h.rows, units.size(), 4 * H}, /*accumulate=*/true);
     }
   }
 };

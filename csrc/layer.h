@@ -44,25 +44,18 @@ struct DirectionSaved {
   Tensor hiddens_prev;  // [N, P]  h_{t-1}
 };
 
-template <typename scalar_t>
-bool has_fast_gemm() {
-  if constexpr (std::is_same_v<scalar_t, float>) return sgemm_ != nullptr;
-  if constexpr (std::is_same_v<scalar_t, double>) return dgemm_ != nullptr;
-  return false;
-}
-
 // Below this many multiply-adds per thread, splitting a step costs more than it saves.
 constexpr int64_t kMinStepWorkPerThread = 1 << 15;
 // Below this many multiply-adds in a whole direction, starting a second thread does not pay.
 constexpr int64_t kMinDirectionWork = 1 << 20;
 
 // How many threads run a layer: directions run concurrently when they are big enough, and each
-// direction's steps are split between threads when a step is big enough. Only with the raw BLAS
-// path: the ATen fallback may throw, which must not happen while a barrier waits.
+// direction's steps are split between threads when a step is big enough. Only with our own
+// product kernel: the ATen fallback may throw, which must not happen while a barrier waits.
 template <typename scalar_t>
 int layer_threads(const Steps& steps, int64_t num_directions, int64_t H, int64_t P) {
   const int64_t available = at::get_num_threads();
-  if (!has_fast_gemm<scalar_t>() || available < 2 || steps.rows() * 4 * H * P < kMinDirectionWork) return 1;
+  if (!blas::kOwnKernel<scalar_t> || available < 2 || steps.rows() * 4 * H * P < kMinDirectionWork) return 1;
   const int64_t per_direction = std::max<int64_t>(1, available / num_directions);
   const int64_t split = std::clamp<int64_t>(steps.max_batch() * 4 * H * P / kMinStepWorkPerThread, 1, per_direction);
   return static_cast<int>(num_directions * split);
@@ -87,6 +80,11 @@ void for_each_direction(int64_t num_directions, int threads, const RunDirection&
   });
 }
 
+// A thread's share of units or columns starts a vector and a weight panel.
+template <typename scalar_t>
+constexpr int64_t kShareAlign =
+    std::max<int64_t>(at::vec::Vectorized<scalar_t>::size(), blas::PackedWeight<scalar_t>::kPanelWidth);
+
 struct FullLayer {
   const Steps& steps;
   bool reverse;  // walk the steps last to first
@@ -110,21 +108,19 @@ struct FullLayer {
   // output [N, P] (row-strided: this direction's columns of the layer output) receives h_t.
   // h_pre [B, H] is scratch for the hidden state before the projection.
   template <typename scalar_t>
-  void forward(const CellParams& params, const Tensor& gates, const Tensor& hx, const Tensor& h, const Tensor& c,
+  void forward(const CellParams& params, const PackedCell<scalar_t>& weights, const Tensor& gates, const Tensor& hx, const Tensor& h, const Tensor& c,
                const Tensor& output, const DirectionSaved* saved, const Tensor& h_pre, TeamMember team) const {
-    using Vec = at::vec::Vectorized<scalar_t>;
     const int64_t H = params.hidden_size(), P = params.output_size(), ld = output.stride(0);
-    const auto [unit_begin, unit_end] = team.share(H, Vec::size());
+    const auto [unit_begin, unit_end] = team.share(H, kShareAlign<scalar_t>);
     const UnitSlice units{unit_begin, unit_end};
-    const auto [col_begin, col_end] = team.share(P, Vec::size());
-    const scalar_t* w_hh = params.w_hh.data_ptr<scalar_t>();
-    const scalar_t* w_hr = params.has_projection() ? params.w_hr.data_ptr<scalar_t>() : nullptr;
+    const auto [col_begin, col_end] = team.share(P, kShareAlign<scalar_t>);
+    const bool projected = params.has_projection();
     const scalar_t* hx_data = hx.data_ptr<scalar_t>();
     scalar_t* gate_data = gates.data_ptr<scalar_t>();
     scalar_t* h_data = h.data_ptr<scalar_t>();
     scalar_t* c_data = c.data_ptr<scalar_t>();
     scalar_t* out = output.data_ptr<scalar_t>();
-    scalar_t* h_pre_data = w_hr ? h_pre.data_ptr<scalar_t>() : nullptr;
+    scalar_t* h_pre_data = projected ? h_pre.data_ptr<scalar_t>() : nullptr;
     for (int64_t k = 0; k < steps.count(); ++k) {
       const int64_t t = step_at(k), rows = steps.batch_sizes[t], row0 = steps.offsets[t];
       scalar_t* g = gate_data + row0 * 4 * H;
@@ -141,9 +137,9 @@ struct FullLayer {
         step_saved = {saved->tanh_cells.data_ptr<scalar_t>() + row0 * H,
                       saved->cells_prev.data_ptr<scalar_t>() + row0 * H};
       }
-      LSTMCell::matmul_hh_add<scalar_t>(from_output, w_hh, H, units, g);
-      LSTMCell::matmul_hh_add<scalar_t>(from_hx, w_hh, H, units, g + from_output.rows * 4 * H);
-      if (!w_hr) {
+      LSTMCell::matmul_hh_add<scalar_t>(from_output, weights.recurrent, H, units, g);
+      LSTMCell::matmul_hh_add<scalar_t>(from_hx, weights.recurrent, H, units, g + from_output.rows * 4 * H);
+      if (!projected) {
         LSTMCell::forward_pointwise<scalar_t>(rows, H, units, g, c_data, {h_data, rows, P, P},
                                               {out + row0 * ld, rows, P, ld}, step_saved);
         team.sync();
@@ -153,8 +149,7 @@ struct FullLayer {
       team.sync();
       const int64_t cols = col_end - col_begin;
       scalar_t* out_step = out + row0 * ld + col_begin;
-      blas::gemm_nt<scalar_t>({h_pre_data, rows, H, H}, {w_hr + col_begin * H, cols, H, H}, {out_step, rows, cols, ld},
-                              scalar_t(0));
+      weights.projection->multiply({h_pre_data, rows, H, H}, col_begin, {out_step, rows, cols, ld}, false);
       for (int64_t r = 0; r < rows; ++r) {
         std::memcpy(h_data + r * P + col_begin, out_step + r * ld, cols * sizeof(scalar_t));
       }
@@ -168,17 +163,15 @@ struct FullLayer {
   // Writes dL/d(pre-activation gates) into dgates [N, 4H] and, with a projection, dL/dh_t into
   // dh_rows [N, P]. dh_pre [B, H] is scratch.
   template <typename scalar_t>
-  void backward(const CellParams& params, const DirectionSaved& saved, const Tensor& grad_output, const Tensor& dh,
+  void backward(const CellParams& params, const PackedCell<scalar_t>& weights, const DirectionSaved& saved, const Tensor& grad_output, const Tensor& dh,
                 const Tensor& dc, const Tensor& dgates, const Tensor& dh_rows, const Tensor& dh_pre,
                 TeamMember team) const {
-    using Vec = at::vec::Vectorized<scalar_t>;
     const int64_t H = params.hidden_size(), P = params.output_size();
-    const auto [unit_begin, unit_end] = team.share(H, Vec::size());
+    const auto [unit_begin, unit_end] = team.share(H, kShareAlign<scalar_t>);
     const UnitSlice units{unit_begin, unit_end};
-    const auto [col_begin, col_end] = team.share(P, Vec::size());
+    const auto [col_begin, col_end] = team.share(P, kShareAlign<scalar_t>);
     const int64_t cols = col_end - col_begin;
-    const scalar_t* w_hh = params.w_hh.data_ptr<scalar_t>();
-    const scalar_t* w_hr = params.has_projection() ? params.w_hr.data_ptr<scalar_t>() : nullptr;
+    const bool projected = params.has_projection();
     const scalar_t* grad_out = grad_output.defined() ? grad_output.data_ptr<scalar_t>() : nullptr;
     const int64_t grad_ld = grad_output.defined() ? grad_output.stride(0) : 0;
     const scalar_t* gates = saved.gates.data_ptr<scalar_t>();
@@ -187,8 +180,8 @@ struct FullLayer {
     scalar_t* dh_data = dh.data_ptr<scalar_t>();
     scalar_t* dc_data = dc.data_ptr<scalar_t>();
     scalar_t* dgate_data = dgates.data_ptr<scalar_t>();
-    scalar_t* dh_rows_data = w_hr ? dh_rows.data_ptr<scalar_t>() : nullptr;
-    scalar_t* dh_pre_data = w_hr ? dh_pre.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dh_rows_data = projected ? dh_rows.data_ptr<scalar_t>() : nullptr;
+    scalar_t* dh_pre_data = projected ? dh_pre.data_ptr<scalar_t>() : nullptr;
     for (int64_t k = steps.count() - 1; k >= 0; --k) {
       const int64_t t = step_at(k), rows = steps.batch_sizes[t], row0 = steps.offsets[t];
       // dL/dh_t = (from later steps) + (from the layer output); this member owns columns [col_begin, col_end).
@@ -201,10 +194,9 @@ struct FullLayer {
         if (dh_rows_data) std::memcpy(dh_rows_data + (row0 + r) * P + col_begin, dh_r + col_begin, cols * sizeof(scalar_t));
       }
       Matrix<const scalar_t> dhidden{dh_data, rows, P, P};
-      if (w_hr) {
+      if (projected) {
         team.sync();
-        blas::gemm_nn<scalar_t>(dhidden, {w_hr + units.begin, P, units.size(), H},
-                                {dh_pre_data + units.begin, rows, units.size(), H}, scalar_t(0));
+        weights.projection->multiply(dhidden, units.begin, {dh_pre_data + units.begin, rows, units.size(), H}, false);
         dhidden = {dh_pre_data, rows, H, H};
       }
       scalar_t* dg = dgate_data + row0 * 4 * H;
@@ -212,8 +204,7 @@ struct FullLayer {
                                              tanh_cells + row0 * H, cells_prev + row0 * H, dg);
       team.sync();
       // dL/dh_{t-1} = dgates · W_hh, this member's columns.
-      blas::gemm_nn<scalar_t>({dg, rows, 4 * H, 4 * H}, {w_hh + col_begin, 4 * H, cols, P},
-                              {dh_data + col_begin, rows, cols, P}, scalar_t(0));
+      weights.recurrent.multiply({dg, rows, 4 * H, 4 * H}, col_begin, {dh_data + col_begin, rows, cols, P}, false);
     }
   }
 };

@@ -14,6 +14,7 @@ namespace lstm_ext {
 namespace {
 
 using at::TensorList;
+using blas::as_matrix;
 
 // The shape of the whole stack, read off the arguments.
 struct StackShape {
@@ -204,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   }
   const Tensor h_pre = cells.front().has_projection() ? at::empty({D, steps.max_batch(), H}, opts) : Tensor();
 
-  Tensor layer_input = input.reshape({N, s.input_size});
+  Tensor layer_input = input.reshape({N, s.input_size}).contiguous();
   Tensor layer_output;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::forward", [&] {
     const int threads = layer_threads<scalar_t>(steps, D, H, P);
@@ -214,10 +215,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
       // Tensor views are made here: the threads below touch raw memory only.
       std::vector<Tensor> gates, outputs, h0s, hys, cys, h_pres;
       std::vector<DirectionSaved> saved;
+      std::vector<PackedCell<scalar_t>> weights;
       for (int64_t d = 0; d < D; ++d) {
         const int64_t c = l * D + d;
+        weights.push_back(PackedCell<scalar_t>::for_forward(cells[c]));
         gates.push_back(need_workspace ? ws.gates[c] : scratch_gates[d]);
-        cells[c].linear_ih_out(gates.back(), layer_input);
+        // The input projection of every row at once: x W_ihᵀ + b_ih + b_hh.
+        const Tensor bias = cells[c].b_ih.defined() ? (cells[c].b_ih + cells[c].b_hh).contiguous() : Tensor();
+        weights.back().input.multiply_parallel(as_matrix<const scalar_t>(layer_input), 0, as_matrix<scalar_t>(gates.back()),
+                                               false, bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
         outputs.push_back(layer_output.narrow(1, d * P, P));
         h0s.push_back(h0[c]);
         hys.push_back(hy[c]);
@@ -226,7 +232,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
         saved.push_back(need_workspace ? ws.direction(c) : DirectionSaved{});
       }
       for_each_direction(D, threads, [&](int d, TeamMember member) {
-        FullLayer{steps, d == 1}.forward<scalar_t>(cells[l * D + d], gates[d], h0s[d], hys[d], cys[d], outputs[d],
+        FullLayer{steps, d == 1}.forward<scalar_t>(cells[l * D + d], weights[d], gates[d], h0s[d], hys[d], cys[d], outputs[d],
                                                    need_workspace ? &saved[d] : nullptr, h_pres[d], member);
       });
       if (apply_dropout && !last) {
@@ -278,8 +284,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
       const Tensor layer_input = l == 0 ? input.reshape({N, input.size(-1)}) : ws.layer_inputs[l - 1];
       std::vector<Tensor> dgates, dh_rows, grad_outs, dhs, dcs, dh_pres;
       std::vector<DirectionSaved> saved;
+      std::vector<PackedCell<scalar_t>> weights;
       for (int64_t d = 0; d < D; ++d) {
         const int64_t c = l * D + d;
+        weights.push_back(PackedCell<scalar_t>::for_backward(cells[c]));
         dgates.push_back(at::empty({N, 4 * H}, hx.options()));
         dh_rows.push_back(cells[c].has_projection() ? at::empty({N, P}, hx.options()) : Tensor());
         grad_outs.push_back(grad_layer_output.defined() ? grad_layer_output.narrow(1, d * P, P) : Tensor());
@@ -289,11 +297,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
         saved.push_back(ws.direction(c));
       }
       for_each_direction(D, threads, [&](int d, TeamMember member) {
-        FullLayer{steps, d == 1}.backward<scalar_t>(cells[l * D + d], saved[d], grad_outs[d], dhs[d], dcs[d],
+        FullLayer{steps, d == 1}.backward<scalar_t>(cells[l * D + d], weights[d], saved[d], grad_outs[d], dhs[d], dcs[d],
                                                     dgates[d], dh_rows[d], dh_pres[d], member);
       });
       // Weight gradients as a few GEMMs over all steps at once.
-      Tensor grad_layer_input;
+      Tensor grad_layer_input = at::empty({N, layer_input.size(1)}, hx.options());
       for (int64_t d = 0; d < D; ++d) {
         const int64_t c = l * D + d;
         const CellParams& cell = cells[c];
@@ -309,11 +317,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           const Tensor hidden_pre = saved[d].gates.narrow(1, 3 * H, H) * saved[d].tanh_cells;
           grads[per_cell - 1] = at::mm(dh_rows[d].t(), hidden_pre);
         }
-        if (d == 0) {
-          grad_layer_input = at::mm(dgates[d], cell.w_ih);
-        } else {
-          grad_layer_input.addmm_(dgates[d], cell.w_ih);
-        }
+        weights[d].input.multiply_parallel(as_matrix<const scalar_t>(dgates[d]), 0, as_matrix<scalar_t>(grad_layer_input),
+                                           /*accumulate=*/d > 0);
       }
       if (l > 0 && ws.has_dropout()) grad_layer_input.mul_(ws.dropout_masks[l - 1]);
       grad_layer_output = grad_layer_input;
