@@ -134,14 +134,22 @@ class PackedWeight {
       panels_per_group_ = per_group;
       panels_ = at::empty({panels, k, W}, weight.options());
       T* out = panels_.data_ptr<T>();
-      at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
+      // Threads only for big weights; reads run along whichever of W's axes is contiguous.
+      at::parallel_for(0, panels, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, k * W)),
+                       [&](int64_t begin, int64_t end) {
         for (int64_t p = begin; p < end; ++p) {
           const int64_t first = (p / per_group) * group + (p % per_group) * W;
           const int64_t width = std::min(W, (p / per_group + 1) * group - first);
+          const T* src = data + first * row_stride;
           T* panel = out + p * k * W;
-          for (int64_t j = 0; j < k; ++j) {
-            for (int64_t lane = 0; lane < W; ++lane) {
-              panel[j * W + lane] = lane < width ? data[(first + lane) * row_stride + j * col_stride] : T(0);
+          if (width < W) std::fill(panel, panel + k * W, T(0));
+          if (col_stride <= row_stride) {
+            for (int64_t lane = 0; lane < width; ++lane) {
+              for (int64_t j = 0; j < k; ++j) panel[j * W + lane] = src[lane * row_stride + j * col_stride];
+            }
+          } else {
+            for (int64_t j = 0; j < k; ++j) {
+              for (int64_t lane = 0; lane < width; ++lane) panel[j * W + lane] = src[lane * row_stride + j * col_stride];
             }
           }
         }
@@ -175,7 +183,7 @@ class PackedWeight {
   void multiply_parallel(Matrix<const T> a, int64_t first_col, Matrix<T> c, bool accumulate,
                          const T* bias = nullptr) const {
     if constexpr (!kOwnKernel<T>) return multiply(a, first_col, c, accumulate, bias);  // ATen threads itself
-    const int64_t grain = std::max<int64_t>(kernel::kRowBlock / 4, (1 << 16) / std::max<int64_t>(1, c.cols * k_));
+    const int64_t grain = std::max<int64_t>(kernel::kRowBlock / 4, (1 << 20) / std::max<int64_t>(1, c.cols * k_));
     at::parallel_for(0, c.rows, grain, [&](int64_t begin, int64_t end) {
       multiply({a.data + begin * a.ld, end - begin, a.cols, a.ld}, first_col,
                {c.data + begin * c.ld, end - begin, c.cols, c.ld}, accumulate, bias);

@@ -128,32 +128,63 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
             )
     if batch_sizes is not None and batch_sizes.device.type != "cpu":
         raise RuntimeError(f"lstm_ext: batch_sizes must be a CPU tensor, got one on {batch_sizes.device}")
-    need_workspace = torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params))
-    output, hy, cy, _ = _ops.forward(
-        input, batch_sizes, hx, cx, params, has_biases, num_layers, float(dropout), train, bidirectional, need_workspace
-    )
+    options = (has_biases, num_layers, float(dropout), train, bidirectional)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params)):
+        output, hy, cy, *_workspace = _LSTMFunction.apply(input, batch_sizes, hx, cx, options, *params)
+    else:
+        output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, False)
     return output, hy, cy
 
 
 # ---- autograd: the hand-written backward operator ------------------------------------------------
 
 
-def _setup_context(ctx, inputs, output):
-    input, batch_sizes, hx, cx, params, has_biases, num_layers, _dropout, _train, bidirectional, _need = inputs
-    workspace = output[3]
+class _LSTMFunction(torch.autograd.Function):
+    """lstm_ext::forward with its backward twin, lstm_ext::backward.
+
+    What ``lstm_ext.lstm`` runs: a plain autograd.Function costs a fraction of the generic
+    wrapper that ``torch.library.register_autograd`` puts around the operator (still registered
+    below, for callers of ``torch.ops.lstm_ext.forward``).
+    """
+
+    @staticmethod
+    def forward(input, batch_sizes, hx, cx, options, *params):
+        output, hy, cy, workspace = _ops.forward(input, batch_sizes, hx, cx, params, *options, True)
+        return output, hy, cy, *workspace
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, batch_sizes, hx, cx, (has_biases, num_layers, _dropout, _train, bidirectional), *params = inputs
+        ctx.mark_non_differentiable(*output[3:])
+        _save_for_backward(ctx, input, batch_sizes, hx, cx, params, output[3:], (has_biases, num_layers, bidirectional))
+
+    @staticmethod
+    def backward(ctx, grad_output, grad_hy, grad_cy, *_grad_workspace):
+        grad_input, grad_hx, grad_cx, grad_params = _run_backward(ctx, grad_output, grad_hy, grad_cy)
+        return grad_input, None, grad_hx, grad_cx, None, *grad_params
+
+
+def _save_for_backward(ctx, input, batch_sizes, hx, cx, params, workspace, options):
     ctx.num_params = len(params)
-    ctx.options = (has_biases, num_layers, bidirectional)
+    ctx.options = options
     ctx.save_for_backward(input, batch_sizes, hx, cx, *params, *workspace)
 
 
-def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
+def _run_backward(ctx, grad_output, grad_hy, grad_cy):
     input, batch_sizes, hx, cx, *rest = ctx.saved_tensors
     params, workspace = rest[: ctx.num_params], rest[ctx.num_params :]
     if not workspace:
         raise RuntimeError("lstm_ext: the forward saved nothing for backward (it ran with need_workspace=False)")
-    grad_input, grad_hx, grad_cx, grad_params = _ops.backward(
-        input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *ctx.options
-    )
+    return _ops.backward(input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *ctx.options)
+
+
+def _setup_context(ctx, inputs, output):
+    input, batch_sizes, hx, cx, params, has_biases, num_layers, _dropout, _train, bidirectional, _need = inputs
+    _save_for_backward(ctx, input, batch_sizes, hx, cx, params, output[3], (has_biases, num_layers, bidirectional))
+
+
+def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
+    grad_input, grad_hx, grad_cx, grad_params = _run_backward(ctx, grad_output, grad_hy, grad_cy)
     return grad_input, None, grad_hx, grad_cx, grad_params, None, None, None, None, None, None
 
 
