@@ -1,0 +1,36 @@
+"""Shapes aimed at the edges of the packed-weight product kernel (csrc/blas.h).
+
+Each case forces one path of the kernel's blocking and is compared with native, forward and
+backward: products deeper than one depth block (input, hidden or projection size above 256),
+more rows than one row block (T·B above 96), batches that leave 1-, 2- and 3-row tiles (the
+1- and 2-row tiles walk several panels at once), hidden sizes that are and are not whole
+panels (16 float / 8 double columns), with and without projections, split between threads.
+"""
+
+import pytest
+import torch
+
+from conftest import assert_matches_native, make_hx, make_input, make_lstm_pair
+
+SEQ_LEN = 4
+
+CASES = {
+    "deep_input": dict(input_size=300, hidden_size=16, batch=2),
+    "deep_hidden": dict(input_size=5, hidden_size=264, batch=3),
+    "deep_projection": dict(input_size=5, hidden_size=272, proj_size=40, batch=7),
+    "whole_panels_one_row": dict(input_size=8, hidden_size=64, batch=1),
+    "ragged_panels_two_rows": dict(input_size=8, hidden_size=70, batch=2),
+    "many_rows": dict(input_size=9, hidden_size=33, batch=97),
+    "panel_narrower_than_a_vector": dict(input_size=3, hidden_size=3, proj_size=2, batch=13),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_kernel_edges_match_native(num_threads, dtype, bidirectional, case):
+    case = dict(case)
+    batch = case.pop("batch")
+    native, ext = make_lstm_pair(dtype=dtype, bidirectional=bidirectional, **case)
+    input = make_input(dtype, seq_len=SEQ_LEN, batch=batch, input_size=case["input_size"])
+    assert_matches_native(native, ext, input, make_hx(native, dtype, batch=batch))
