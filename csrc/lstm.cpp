@@ -277,6 +277,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
     grad_layer_output = grad_output->reshape({N, D * P}).contiguous();
   }
   const Tensor dh_pre = cells.front().has_projection() ? at::empty({D, steps.max_batch(), H}, hx.options()) : Tensor();
+  // One set for all layers: fresh buffers this big cost their page faults again in every layer.
+  const Tensor all_dgates = at::empty({D, N, 4 * H}, hx.options());
+  const Tensor all_dh_rows = cells.front().has_projection() ? at::empty({D, N, P}, hx.options()) : Tensor();
   Tensor grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::backward", [&] {
     const int threads = layer_threads<scalar_t>(steps, D, H, P);
@@ -288,8 +291,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
       for (int64_t d = 0; d < D; ++d) {
         const int64_t c = l * D + d;
         weights.push_back(PackedCell<scalar_t>::for_backward(cells[c]));
-        dgates.push_back(at::empty({N, 4 * H}, hx.options()));
-        dh_rows.push_back(cells[c].has_projection() ? at::empty({N, P}, hx.options()) : Tensor());
+        dgates.push_back(all_dgates[d]);
+        dh_rows.push_back(all_dh_rows.defined() ? all_dh_rows[d] : Tensor());
         grad_outs.push_back(grad_layer_output.defined() ? grad_layer_output.narrow(1, d * P, P) : Tensor());
         dhs.push_back(grad_hx[c]);
         dcs.push_back(grad_cx[c]);
