@@ -103,12 +103,13 @@ inline void tiles(int64_t rows, int64_t panel_count, const T* a, int64_t lda, co
     T* c_r = c + r * ldc;
     int64_t p = 0;
     // Fewer than three rows: walk four (one row) or two (two rows) panels at once.
+    const auto panel = [&](int64_t q) { return panels + q * panel_stride; };
     if (n == 1) {
-      for (; p + 4 <= panel_count; p += 4) tile<T, 1, 4>(a_r, lda, panels + p * panel_stride, panel_stride, depth, c_r + p * W, ldc);
+      for (; p + 4 <= panel_count; p += 4) tile<T, 1, 4>(a_r, lda, panel(p), panel_stride, depth, c_r + p * W, ldc);
     } else if (n == 2) {
-      for (; p + 2 <= panel_count; p += 2) tile<T, 2, 2>(a_r, lda, panels + p * panel_stride, panel_stride, depth, c_r + p * W, ldc);
+      for (; p + 2 <= panel_count; p += 2) tile<T, 2, 2>(a_r, lda, panel(p), panel_stride, depth, c_r + p * W, ldc);
     }
-    for (; p < panel_count; ++p) tile_rows<T, 1>(n, a_r, lda, panels + p * panel_stride, panel_stride, depth, c_r + p * W, ldc);
+    for (; p < panel_count; ++p) tile_rows<T, 1>(n, a_r, lda, panel(p), panel_stride, depth, c_r + p * W, ldc);
   }
 }
 
@@ -130,8 +131,7 @@ class PackedWeight {
     } else {
       const T* data = weight.data_ptr<T>();
       const int64_t n = weight.size(0), k = k_, row_stride = weight.stride(0), col_stride = weight.stride(1);
-      const int64_t W = kPanelWidth, per_group = (group + W - 1) / W, panels = group == 0 ? 0 : n / group * per_group;
-      panels_per_group_ = per_group;
+      const int64_t W = kPanelWidth, per_group = panels_per_group(), panels = group == 0 ? 0 : n / group * per_group;
       panels_ = at::empty({panels, k, W}, weight.options());
       T* out = panels_.data_ptr<T>();
       // Threads only for big weights; reads run along whichever of W's axes is contiguous.
@@ -149,7 +149,9 @@ class PackedWeight {
             }
           } else {
             for (int64_t j = 0; j < k; ++j) {
-              for (int64_t lane = 0; lane < width; ++lane) panel[j * W + lane] = src[lane * row_stride + j * col_stride];
+              for (int64_t lane = 0; lane < width; ++lane) {
+                panel[j * W + lane] = src[lane * row_stride + j * col_stride];
+              }
             }
           }
         }
@@ -160,8 +162,6 @@ class PackedWeight {
   static PackedWeight rows_of(const at::Tensor& weight, int64_t group) { return PackedWeight(weight, group); }
   // For C = A·W with a weight W [k, n].
   static PackedWeight columns_of(const at::Tensor& weight, int64_t group) { return PackedWeight(weight.t(), group); }
-
-  int64_t depth() const { return k_; }
 
   // C = A · W[first_col : first_col + C.cols]ᵀ, plus C when `accumulate`, plus bias (indexed
   // like C's columns) when given. The columns must lie in one group and first_col must start a
@@ -191,6 +191,8 @@ class PackedWeight {
   }
 
  private:
+  int64_t panels_per_group() const { return (group_ + kPanelWidth - 1) / kPanelWidth; }
+
   void multiply_block(Matrix<const T> a, int64_t first_col, Matrix<T> c, bool accumulate, const T* bias) const {
     constexpr int64_t W = kPanelWidth;
     if (!accumulate) {
@@ -204,7 +206,7 @@ class PackedWeight {
       }
     }
     const int64_t group = first_col / group_, within = first_col % group_;
-    const T* panels = panels_.data_ptr<T>() + (group * panels_per_group_ + within / W) * k_ * W;
+    const T* panels = panels_.data_ptr<T>() + (group * panels_per_group() + within / W) * k_ * W;
     const int64_t full = c.cols / W, rest = c.cols % W;
     for (int64_t k0 = 0; k0 < k_; k0 += kernel::kDepthBlock) {
       const int64_t depth = std::min(kernel::kDepthBlock, k_ - k0);
@@ -243,7 +245,6 @@ class PackedWeight {
   }
 
   int64_t k_, group_;
-  int64_t panels_per_group_ = 0;
   at::Tensor panels_;    // [panels, k, kPanelWidth] (float, double)
   at::Tensor unpacked_;  // [n, k] view of the weight (other types)
 };

@@ -37,16 +37,28 @@ struct PackedCell {
   using Weight = blas::PackedWeight<scalar_t>;
   Weight input, recurrent;
   std::optional<Weight> projection;
+  Tensor bias;  // b_ih + b_hh, for the forward of a cell with biases
 
   static PackedCell for_forward(const CellParams& p) {
     const int64_t H = p.hidden_size(), P = p.output_size();
     return {Weight::rows_of(p.w_ih, 4 * H), Weight::rows_of(p.w_hh, H),
-            p.has_projection() ? std::optional<Weight>(Weight::rows_of(p.w_hr, P)) : std::nullopt};
+            p.has_projection() ? std::optional<Weight>(Weight::rows_of(p.w_hr, P)) : std::nullopt,
+            p.b_ih.defined() ? (p.b_ih + p.b_hh).contiguous() : Tensor()};
   }
   static PackedCell for_backward(const CellParams& p) {
     const int64_t H = p.hidden_size(), P = p.output_size();
     return {Weight::columns_of(p.w_ih, p.w_ih.size(1)), Weight::columns_of(p.w_hh, P),
-            p.has_projection() ? std::optional<Weight>(Weight::columns_of(p.w_hr, H)) : std::nullopt};
+            p.has_projection() ? std::optional<Weight>(Weight::columns_of(p.w_hr, H)) : std::nullopt, Tensor()};
+  }
+
+  // The input projection of every row at once, one product: gates = x W_ihᵀ + b_ih + b_hh, [N, 4H].
+  void project_input(const Tensor& x, const Tensor& gates) const {
+    input.multiply_parallel(blas::as_matrix<const scalar_t>(x), 0, blas::as_matrix<scalar_t>(gates), false,
+                            bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
+  }
+  // Its backward twin (on a PackedCell for_backward): grad_x = dgates · W_ih, or += with `accumulate`.
+  void input_gradient(const Tensor& dgates, const Tensor& grad_x, bool accumulate) const {
+    input.multiply_parallel(blas::as_matrix<const scalar_t>(dgates), 0, blas::as_matrix<scalar_t>(grad_x), accumulate);
   }
 };
 

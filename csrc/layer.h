@@ -108,8 +108,9 @@ struct FullLayer {
   // output [N, P] (row-strided: this direction's columns of the layer output) receives h_t.
   // h_pre [B, H] is scratch for the hidden state before the projection.
   template <typename scalar_t>
-  void forward(const CellParams& params, const PackedCell<scalar_t>& weights, const Tensor& gates, const Tensor& hx, const Tensor& h, const Tensor& c,
-               const Tensor& output, const DirectionSaved* saved, const Tensor& h_pre, TeamMember team) const {
+  void forward(const CellParams& params, const PackedCell<scalar_t>& weights, const Tensor& gates, const Tensor& hx,
+               const Tensor& h, const Tensor& c, const Tensor& output, const DirectionSaved* saved, const Tensor& h_pre,
+               TeamMember team) const {
     const int64_t H = params.hidden_size(), P = params.output_size(), ld = output.stride(0);
     const auto [unit_begin, unit_end] = team.share(H, kShareAlign<scalar_t>);
     const UnitSlice units{unit_begin, unit_end};
@@ -163,9 +164,9 @@ struct FullLayer {
   // Writes dL/d(pre-activation gates) into dgates [N, 4H] and, with a projection, dL/dh_t into
   // dh_rows [N, P]. dh_pre [B, H] is scratch.
   template <typename scalar_t>
-  void backward(const CellParams& params, const PackedCell<scalar_t>& weights, const DirectionSaved& saved, const Tensor& grad_output, const Tensor& dh,
-                const Tensor& dc, const Tensor& dgates, const Tensor& dh_rows, const Tensor& dh_pre,
-                TeamMember team) const {
+  void backward(const CellParams& params, const PackedCell<scalar_t>& weights, const DirectionSaved& saved,
+                const Tensor& grad_output, const Tensor& dh, const Tensor& dc, const Tensor& dgates,
+                const Tensor& dh_rows, const Tensor& dh_pre, TeamMember team) const {
     const int64_t H = params.hidden_size(), P = params.output_size();
     const auto [unit_begin, unit_end] = team.share(H, kShareAlign<scalar_t>);
     const UnitSlice units{unit_begin, unit_end};

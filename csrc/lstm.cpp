@@ -14,7 +14,6 @@ namespace lstm_ext {
 namespace {
 
 using at::TensorList;
-using blas::as_matrix;
 
 // The shape of the whole stack, read off the arguments.
 struct StackShape {
@@ -220,10 +219,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
         const int64_t c = l * D + d;
         weights.push_back(PackedCell<scalar_t>::for_forward(cells[c]));
         gates.push_back(need_workspace ? ws.gates[c] : scratch_gates[d]);
-        // The input projection of every row at once: x W_ihᵀ + b_ih + b_hh.
-        const Tensor bias = cells[c].b_ih.defined() ? (cells[c].b_ih + cells[c].b_hh).contiguous() : Tensor();
-        weights.back().input.multiply_parallel(as_matrix<const scalar_t>(layer_input), 0, as_matrix<scalar_t>(gates.back()),
-                                               false, bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
+        weights.back().project_input(layer_input, gates.back());
         outputs.push_back(layer_output.narrow(1, d * P, P));
         h0s.push_back(h0[c]);
         hys.push_back(hy[c]);
@@ -232,8 +228,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
         saved.push_back(need_workspace ? ws.direction(c) : DirectionSaved{});
       }
       for_each_direction(D, threads, [&](int d, TeamMember member) {
-        FullLayer{steps, d == 1}.forward<scalar_t>(cells[l * D + d], weights[d], gates[d], h0s[d], hys[d], cys[d], outputs[d],
-                                                   need_workspace ? &saved[d] : nullptr, h_pres[d], member);
+        FullLayer{steps, d == 1}.forward<scalar_t>(cells[l * D + d], weights[d], gates[d], h0s[d], hys[d], cys[d],
+                                                   outputs[d], need_workspace ? &saved[d] : nullptr, h_pres[d], member);
       });
       if (apply_dropout && !last) {
         // The same RNG draws as ATen's dropout between layers, so a seed gives native's masks.
@@ -300,8 +296,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
         saved.push_back(ws.direction(c));
       }
       for_each_direction(D, threads, [&](int d, TeamMember member) {
-        FullLayer{steps, d == 1}.backward<scalar_t>(cells[l * D + d], weights[d], saved[d], grad_outs[d], dhs[d], dcs[d],
-                                                    dgates[d], dh_rows[d], dh_pres[d], member);
+        FullLayer{steps, d == 1}.backward<scalar_t>(cells[l * D + d], weights[d], saved[d], grad_outs[d], dhs[d],
+                                                    dcs[d], dgates[d], dh_rows[d], dh_pres[d], member);
       });
       // Weight gradients as a few GEMMs over all steps at once.
       Tensor grad_layer_input = at::empty({N, layer_input.size(1)}, hx.options());
@@ -320,8 +316,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           const Tensor hidden_pre = saved[d].gates.narrow(1, 3 * H, H) * saved[d].tanh_cells;
           grads[per_cell - 1] = at::mm(dh_rows[d].t(), hidden_pre);
         }
-        weights[d].input.multiply_parallel(as_matrix<const scalar_t>(dgates[d]), 0, as_matrix<scalar_t>(grad_layer_input),
-                                           /*accumulate=*/d > 0);
+        weights[d].input_gradient(dgates[d], grad_layer_input, /*accumulate=*/d > 0);
       }
       if (l > 0 && ws.has_dropout()) grad_layer_input.mul_(ws.dropout_masks[l - 1]);
       grad_layer_output = grad_layer_input;
