@@ -24,6 +24,8 @@ TOLERANCES = {
 INPUT_SIZE = 3
 HIDDEN_SIZE = 4
 PROJ_SIZE = 2
+# Every structural option at once: two layers, both directions, projections.
+FULL_FEATURED = dict(num_layers=2, bidirectional=True, proj_size=PROJ_SIZE)
 SEQ_LEN = 5
 BATCH = 3
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 import torch._dynamo
 from conftest import (
+    FULL_FEATURED,
     BATCH,
     HIDDEN_SIZE,
     INPUT_SIZE,
-    PROJ_SIZE,
     SEQ_LEN,
     assert_matches_native,
     compare,
@@ -32,7 +32,6 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import lstm_ext
 
 DTYPE = torch.float64
-FULL_FEATURED = dict(num_layers=2, bidirectional=True, proj_size=PROJ_SIZE)
 # Packed batch of BATCH sequences of lengths 4, 3 and 2 (so batch_sizes[0] == BATCH).
 PACKED_BATCH_SIZES = [3, 3, 2, 1]
 LENGTHS = torch.tensor([SEQ_LEN, 2, SEQ_LEN - 1])

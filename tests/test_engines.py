@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.autograd.forward_ad as forward_ad
 from conftest import (
-    PROJ_SIZE,
+    FULL_FEATURED,
     assert_matches_native,
     compare,
     make_hx,
@@ -25,7 +25,6 @@ from torch.nn.utils import parametrizations
 import lstm_ext
 
 DTYPE = torch.float64
-FULL_FEATURED = dict(num_layers=2, bidirectional=True, proj_size=PROJ_SIZE)
 CONFIGS = {"defaults": dict(), "bi-2layers-proj": FULL_FEATURED}
 
 

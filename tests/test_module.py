@@ -3,6 +3,7 @@
 import pytest
 import torch
 from conftest import (
+    FULL_FEATURED,
     BATCH,
     HIDDEN_SIZE,
     INPUT_SIZE,
@@ -19,7 +20,6 @@ from torch import nn
 
 import lstm_ext
 
-FULL_FEATURED = dict(num_layers=2, bidirectional=True, proj_size=PROJ_SIZE)
 
 
 def test_lstm_is_a_subclass_of_nn_lstm():

@@ -9,14 +9,15 @@ import threading
 import pytest
 import torch
 from conftest import (
+    FULL_FEATURED,
     HIDDEN_SIZE,
     INPUT_SIZE,
-    PROJ_SIZE,
     TOLERANCES,
     assert_matches_native,
     leaf_copies,
     make_hx,
     make_input,
+    make_lstm_pair,
     make_pair,
     weighted_sum_loss,
 )
@@ -93,14 +94,7 @@ def _run_functional(lstm, leaves_and_views, flags):
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_odd_layouts_match_native(layout, target):
     dtype = torch.float64
-    native_module, _ = make_pair(
-        dtype=dtype,
-        input_size=INPUT_SIZE,
-        hidden_size=HIDDEN_SIZE,
-        num_layers=2,
-        bidirectional=True,
-        proj_size=PROJ_SIZE,
-    )
+    native_module, _ = make_lstm_pair(dtype=dtype, **FULL_FEATURED)
     h0, c0 = make_hx(native_module, dtype)
     weight_names = native_module._flat_weights_names
     plain = {"input": make_input(dtype), "h0": h0, "c0": c0}
@@ -183,15 +177,7 @@ def test_odd_layout_packed_data_and_batch_sizes_match_native(layout):
 def test_zero_batch_matches_native(batch_first, hx_given):
     """B=0: empty output and states, all-zero parameter gradients, like native."""
     dtype = torch.float64
-    native, ext = make_pair(
-        dtype=dtype,
-        input_size=INPUT_SIZE,
-        hidden_size=HIDDEN_SIZE,
-        num_layers=2,
-        bidirectional=True,
-        proj_size=PROJ_SIZE,
-        batch_first=batch_first,
-    )
+    native, ext = make_lstm_pair(dtype=dtype, batch_first=batch_first, **FULL_FEATURED)
     input = make_input(dtype, batch=0, batch_first=batch_first)
     hx = make_hx(native, dtype, batch=0) if hx_given else None
     assert_matches_native(native, ext, input, hx)
