@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 namespace lstm_ext::blas {
 
@@ -35,6 +36,13 @@ Matrix<T> as_matrix(const at::Tensor& t) {
 template <typename T>
 constexpr bool kOwnKernel = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
+// One product of multiply_transposed: c [m, n] = aᵀ·b for b [k, n].
+template <typename T>
+struct TransposedProduct {
+  Matrix<const T> b;
+  Matrix<T> c;
+};
+
 namespace kernel {
 
 template <typename T>
@@ -50,11 +58,38 @@ constexpr int64_t kDepthBlock = 256;
 // Rows whose A slice ([rows, kDepthBlock]) stays in L2 while every panel streams past it.
 constexpr int64_t kRowBlock = 96;
 
-// c[Rows, Panels·width] += a[Rows, depth] · (Panels consecutive panels, `depth` deep). With few
-// rows, several panels at once keep enough independent accumulators to hide the FMA latency.
+// The left operand A as the kernel reads it: element (r, k) is data[r * row_stride + k *
+// depth_stride] within a tile, and the tile of row r0 starts at data + r0 * tile_step. Either a
+// row-major matrix, or a block packed tile by tile ([tiles][depth][kTileRows]) so that a
+// transposed A also reads contiguously.
+template <typename T>
+struct Left {
+  const T* data;
+  int64_t tile_step, row_stride, depth_stride;
+
+  static Left row_major(const T* data, int64_t ld) { return {data, ld, ld, 1}; }
+  static Left packed(const T* data, int64_t depth) { return {data, depth, 1, kTileRows}; }
+  Left tile(int64_t r0) const { return {data + r0 * tile_step, tile_step, row_stride, depth_stride}; }
+};
+
+// The right operand B, kPanelWidth columns at a time: element (k, lane) of panel q is
+// data[q * panel_stride + k * depth_stride + lane]. Either packed panels ([panels][depth][width],
+// a narrow last panel zero-padded), or a row-major matrix read in place.
+template <typename T>
+struct Right {
+  const T* data;
+  int64_t panel_stride, depth_stride;
+
+  static Right packed(const T* data, int64_t depth) { return {data, depth * kPanelWidth<T>, kPanelWidth<T>}; }
+  static Right row_major(const T* data, int64_t ld) { return {data, kPanelWidth<T>, ld}; }
+  Right panel(int64_t q) const { return {data + q * panel_stride, panel_stride, depth_stride}; }
+};
+
+// c[Rows, Panels·width] += a[Rows, depth] · (Panels consecutive panels of b, `depth` deep). With
+// few rows, several panels at once keep enough independent accumulators to hide the FMA latency.
 template <typename T, int Rows, int Panels>
-inline void tile(const T* a, int64_t lda, const T* panels, int64_t panel_stride, int64_t depth, T* c, int64_t ldc) {
-  constexpr int64_t L = Vec<T>::size(), W = kPanelWidth<T>, Cols = 2 * Panels;
+inline void tile(Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc) {
+  constexpr int64_t L = Vec<T>::size(), Cols = 2 * Panels;
   Vec<T> acc[Rows][Cols];
 #pragma GCC unroll 8
   for (int i = 0; i < Rows; ++i) {
@@ -62,14 +97,16 @@ inline void tile(const T* a, int64_t lda, const T* panels, int64_t panel_stride,
     for (int j = 0; j < Cols; ++j) acc[i][j] = Vec<T>::loadu(c + i * ldc + j * L);
   }
   for (int64_t k = 0; k < depth; ++k) {
-    Vec<T> b[Cols];
+    Vec<T> b_k[Cols];
 #pragma GCC unroll 8
-    for (int j = 0; j < Cols; ++j) b[j] = Vec<T>::loadu(panels + (j / 2) * panel_stride + k * W + (j % 2) * L);
+    for (int j = 0; j < Cols; ++j) {
+      b_k[j] = Vec<T>::loadu(b.data + (j / 2) * b.panel_stride + k * b.depth_stride + (j % 2) * L);
+    }
 #pragma GCC unroll 8
     for (int i = 0; i < Rows; ++i) {
-      const Vec<T> a_ik(a[i * lda + k]);
+      const Vec<T> a_ik(a.data[i * a.row_stride + k * a.depth_stride]);
 #pragma GCC unroll 8
-      for (int j = 0; j < Cols; ++j) acc[i][j] = at::vec::fmadd(a_ik, b[j], acc[i][j]);
+      for (int j = 0; j < Cols; ++j) acc[i][j] = at::vec::fmadd(a_ik, b_k[j], acc[i][j]);
     }
   }
 #pragma GCC unroll 8
@@ -80,37 +117,100 @@ inline void tile(const T* a, int64_t lda, const T* panels, int64_t panel_stride,
 }
 
 template <typename T, int Panels>
-inline void tile_rows(int64_t rows, const T* a, int64_t lda, const T* panels, int64_t panel_stride, int64_t depth,
-                      T* c, int64_t ldc) {
+inline void tile_rows(int64_t rows, Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc) {
   switch (rows) {
-    case 1: return tile<T, 1, Panels>(a, lda, panels, panel_stride, depth, c, ldc);
-    case 2: return tile<T, 2, Panels>(a, lda, panels, panel_stride, depth, c, ldc);
-    case 3: return tile<T, 3, Panels>(a, lda, panels, panel_stride, depth, c, ldc);
-    case 4: return tile<T, 4, Panels>(a, lda, panels, panel_stride, depth, c, ldc);
-    case 5: return tile<T, 5, Panels>(a, lda, panels, panel_stride, depth, c, ldc);
-    default: return tile<T, 6, Panels>(a, lda, panels, panel_stride, depth, c, ldc);
+    case 1: return tile<T, 1, Panels>(a, b, depth, c, ldc);
+    case 2: return tile<T, 2, Panels>(a, b, depth, c, ldc);
+    case 3: return tile<T, 3, Panels>(a, b, depth, c, ldc);
+    case 4: return tile<T, 4, Panels>(a, b, depth, c, ldc);
+    case 5: return tile<T, 5, Panels>(a, b, depth, c, ldc);
+    default: return tile<T, 6, Panels>(a, b, depth, c, ldc);
   }
 }
 
-// c[rows, panel_count·width] += a[rows, depth] · panels, in tiles of kTileRows rows.
+// c[rows, cols] += a[rows, depth] · b[depth, cols], in tiles of kTileRows rows. b must be
+// readable a whole panel wide: when cols is not a whole number of panels, its last panel's
+// columns go through a full-width scratch tile.
 template <typename T>
-inline void tiles(int64_t rows, int64_t panel_count, const T* a, int64_t lda, const T* panels,
-                  int64_t panel_stride, int64_t depth, T* c, int64_t ldc) {
+inline void tiles(int64_t rows, int64_t cols, Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc) {
   constexpr int64_t W = kPanelWidth<T>;
+  const int64_t full = cols / W, rest = cols % W;
   for (int64_t r = 0; r < rows; r += kTileRows) {
     const int64_t n = std::min(kTileRows, rows - r);
-    const T* a_r = a + r * lda;
+    const Left<T> a_r = a.tile(r);
     T* c_r = c + r * ldc;
     int64_t p = 0;
     // Fewer than three rows: walk four (one row) or two (two rows) panels at once.
-    const auto panel = [&](int64_t q) { return panels + q * panel_stride; };
     if (n == 1) {
-      for (; p + 4 <= panel_count; p += 4) tile<T, 1, 4>(a_r, lda, panel(p), panel_stride, depth, c_r + p * W, ldc);
+      for (; p + 4 <= full; p += 4) tile<T, 1, 4>(a_r, b.panel(p), depth, c_r + p * W, ldc);
     } else if (n == 2) {
-      for (; p + 2 <= panel_count; p += 2) tile<T, 2, 2>(a_r, lda, panel(p), panel_stride, depth, c_r + p * W, ldc);
+      for (; p + 2 <= full; p += 2) tile<T, 2, 2>(a_r, b.panel(p), depth, c_r + p * W, ldc);
     }
-    for (; p < panel_count; ++p) tile_rows<T, 1>(n, a_r, lda, panel(p), panel_stride, depth, c_r + p * W, ldc);
+    for (; p < full; ++p) tile_rows<T, 1>(n, a_r, b.panel(p), depth, c_r + p * W, ldc);
+    if (rest > 0) {
+      T scratch[kTileRows * W];
+      T* c_rest = c_r + full * W;
+      for (int64_t i = 0; i < n; ++i) std::memcpy(scratch + i * W, c_rest + i * ldc, rest * sizeof(T));
+      tile_rows<T, 1>(n, a_r, b.panel(full), depth, scratch, W);
+      for (int64_t i = 0; i < n; ++i) std::memcpy(c_rest + i * ldc, scratch + i * W, rest * sizeof(T));
+    }
   }
+}
+
+// multiply_transposed below, on our kernel. For each block of depth, each thread packs the
+// block of every b into panels, then walks its rows of c: every block of a is packed once,
+// transposed into tiles, for all products.
+template <typename T>
+void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<T>>& products) {
+  constexpr int64_t W = kPanelWidth<T>;
+  int64_t columns = 0, panels = 0;
+  for (const TransposedProduct<T>& p : products) {
+    columns += p.c.cols;
+    panels += (p.c.cols + W - 1) / W;
+  }
+  const int64_t grain = std::max<int64_t>(kRowBlock / 4, (1 << 20) / std::max<int64_t>(1, columns * a.rows));
+  at::parallel_for(0, a.cols, grain, [&](int64_t begin, int64_t end) {
+    std::vector<T> packed_a(kRowBlock * kDepthBlock), packed_b(panels * kDepthBlock * W);
+    for (const TransposedProduct<T>& p : products) {
+      for (int64_t r = begin; r < end; ++r) std::fill_n(p.c.data + r * p.c.ld, p.c.cols, T(0));
+    }
+    for (int64_t k0 = 0; k0 < a.rows; k0 += kDepthBlock) {
+      const int64_t depth = std::min(kDepthBlock, a.rows - k0);
+      T* b_panels = packed_b.data();
+      for (const TransposedProduct<T>& p : products) {
+        for (int64_t q = 0; q * W < p.c.cols; ++q) {
+          const int64_t width = std::min(W, p.c.cols - q * W);
+          T* panel = b_panels + q * depth * W;
+          const T* src = p.b.data + k0 * p.b.ld + q * W;
+          for (int64_t j = 0; j < depth; ++j) {
+            std::memcpy(panel + j * W, src + j * p.b.ld, width * sizeof(T));
+            std::fill(panel + j * W + width, panel + (j + 1) * W, T(0));
+          }
+        }
+        b_panels += (p.c.cols + W - 1) / W * depth * W;
+      }
+      for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
+        const int64_t rows = std::min(kRowBlock, end - r0);
+        for (int64_t j = 0; j < depth; ++j) {
+          const T* src = a.data + (k0 + j) * a.ld + r0;
+          // a's rows are far apart: fetch two rows ahead, or each row waits on memory.
+          if (j + 2 < depth) {
+            for (int64_t i = 0; i < rows; i += 64 / sizeof(T)) __builtin_prefetch(src + 2 * a.ld + i);
+          }
+          for (int64_t t = 0; t < rows; t += kTileRows) {
+            T* dst = packed_a.data() + t * depth + j * kTileRows;
+            for (int64_t lane = 0; lane < std::min(kTileRows, rows - t); ++lane) dst[lane] = src[t + lane];
+          }
+        }
+        const Left<T> a_block = Left<T>::packed(packed_a.data(), depth);
+        const T* b_block = packed_b.data();
+        for (const TransposedProduct<T>& p : products) {
+          tiles<T>(rows, p.c.cols, a_block, Right<T>::packed(b_block, depth), depth, p.c.data + r0 * p.c.ld, p.c.ld);
+          b_block += (p.c.cols + W - 1) / W * depth * W;
+        }
+      }
+    }
+  });
 }
 
 }  // namespace kernel
@@ -194,7 +294,6 @@ class PackedWeight {
   int64_t panels_per_group() const { return (group_ + kPanelWidth - 1) / kPanelWidth; }
 
   void multiply_block(Matrix<const T> a, int64_t first_col, Matrix<T> c, bool accumulate, const T* bias) const {
-    constexpr int64_t W = kPanelWidth;
     if (!accumulate) {
       for (int64_t r = 0; r < c.rows; ++r) {
         T* row = c.data + r * c.ld;
@@ -205,27 +304,13 @@ class PackedWeight {
         }
       }
     }
+    constexpr int64_t W = kPanelWidth;
     const int64_t group = first_col / group_, within = first_col % group_;
     const T* panels = panels_.data_ptr<T>() + (group * panels_per_group() + within / W) * k_ * W;
-    const int64_t full = c.cols / W, rest = c.cols % W;
     for (int64_t k0 = 0; k0 < k_; k0 += kernel::kDepthBlock) {
       const int64_t depth = std::min(kernel::kDepthBlock, k_ - k0);
-      const T* a_k = a.data + k0;
-      const T* panels_k = panels + k0 * W;
-      kernel::tiles<T>(c.rows, full, a_k, a.ld, panels_k, k_ * W, depth, c.data, c.ld);
-      if (rest > 0) {
-        // The group's last, narrower panel: through a full-width scratch tile.
-        T scratch[kernel::kTileRows * W];
-        for (int64_t r = 0; r < c.rows; r += kernel::kTileRows) {
-          const int64_t rows = std::min(kernel::kTileRows, c.rows - r);
-          T* c_r = c.data + r * c.ld + full * W;
-          for (int64_t i = 0; i < rows; ++i) {
-            std::memcpy(scratch + i * W, c_r + i * c.ld, rest * sizeof(T));
-          }
-          kernel::tile_rows<T, 1>(rows, a_k + r * a.ld, a.ld, panels_k + full * k_ * W, k_ * W, depth, scratch, W);
-          for (int64_t i = 0; i < rows; ++i) std::memcpy(c_r + i * c.ld, scratch + i * W, rest * sizeof(T));
-        }
-      }
+      kernel::tiles<T>(c.rows, c.cols, kernel::Left<T>::row_major(a.data + k0, a.ld),
+                       kernel::Right<T>::packed(panels + k0 * W, k_), depth, c.data, c.ld);
     }
   }
 
@@ -248,5 +333,22 @@ class PackedWeight {
   at::Tensor panels_;    // [panels, k, kPanelWidth] (float, double)
   at::Tensor unpacked_;  // [n, k] view of the weight (other types)
 };
+
+// Every product's c [m, n] = aᵀ·b for a [k, m] and its b [k, n], all row-major: the weight
+// gradients dgatesᵀ·x and dgatesᵀ·h_prev, which share a and are computed in one pass over it.
+template <typename T>
+void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<T>>& products) {
+  if constexpr (kOwnKernel<T>) {
+    kernel::multiply_transposed(a, products);
+  } else {
+    const auto as_tensor = [](auto m) {
+      return at::from_blob(const_cast<T*>(m.data), {m.rows, m.cols}, {m.ld, 1}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
+    };
+    for (const TransposedProduct<T>& p : products) {
+      at::Tensor out = as_tensor(p.c);
+      at::mm_out(out, as_tensor(a).t(), as_tensor(p.b));
+    }
+  }
+}
 
 }  // namespace lstm_ext::blas

@@ -60,6 +60,21 @@ struct PackedCell {
   void input_gradient(const Tensor& dgates, const Tensor& grad_x, bool accumulate) const {
     input.multiply_parallel(blas::as_matrix<const scalar_t>(dgates), 0, blas::as_matrix<scalar_t>(grad_x), accumulate);
   }
+
+  // The weights' side of both products, over every row at once: grad_w_ih = dgatesᵀ·x and
+  // grad_w_hh = dgatesᵀ·h_prev, in one pass over dgates.
+  static void weight_gradients(const Tensor& dgates, const Tensor& x, const Tensor& h_prev, const Tensor& grad_w_ih,
+                               const Tensor& grad_w_hh) {
+    blas::multiply_transposed<scalar_t>(blas::as_matrix<const scalar_t>(dgates),
+                                        {{blas::as_matrix<const scalar_t>(x), blas::as_matrix<scalar_t>(grad_w_ih)},
+                                         {blas::as_matrix<const scalar_t>(h_prev), blas::as_matrix<scalar_t>(grad_w_hh)}});
+  }
+  // The same for the projection: grad_w_hr = dhᵀ·h_pre, dh [N, P] the gradient of the projected
+  // output, h_pre [N, H] the hidden state before the projection.
+  static void projection_gradient(const Tensor& dh, const Tensor& h_pre, const Tensor& grad_w_hr) {
+    blas::multiply_transposed<scalar_t>(blas::as_matrix<const scalar_t>(dh),
+                                        {{blas::as_matrix<const scalar_t>(h_pre), blas::as_matrix<scalar_t>(grad_w_hr)}});
+  }
 };
 
 // The hidden units [begin, end) that one thread owns within a step.

@@ -280,7 +280,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::backward", [&] {
     const int threads = layer_threads<scalar_t>(steps, D, H, P);
     for (int64_t l = num_layers - 1; l >= 0; --l) {
-      const Tensor layer_input = l == 0 ? input.reshape({N, input.size(-1)}) : ws.layer_inputs[l - 1];
+      const Tensor layer_input = l == 0 ? input.reshape({N, input.size(-1)}).contiguous() : ws.layer_inputs[l - 1];
       std::vector<Tensor> dgates, dh_rows, grad_outs, dhs, dcs, dh_pres;
       std::vector<DirectionSaved> saved;
       std::vector<PackedCell<scalar_t>> weights;
@@ -305,16 +305,17 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
         const int64_t c = l * D + d;
         const CellParams& cell = cells[c];
         Tensor* grads = grad_params.data() + c * per_cell;
-        const Tensor dgates_t = dgates[d].t();
-        grads[0] = at::mm(dgates_t, layer_input);
-        grads[1] = at::mm(dgates_t, saved[d].hiddens_prev);
+        grads[0] = at::empty_like(cell.w_ih, at::MemoryFormat::Contiguous);
+        grads[1] = at::empty_like(cell.w_hh, at::MemoryFormat::Contiguous);
+        PackedCell<scalar_t>::weight_gradients(dgates[d], layer_input, saved[d].hiddens_prev, grads[0], grads[1]);
         if (cell.b_ih.defined()) {
           grads[2] = dgates[d].sum(0);
           grads[3] = grads[2].clone();
         }
         if (cell.has_projection()) {
           const Tensor hidden_pre = saved[d].gates.narrow(1, 3 * H, H) * saved[d].tanh_cells;
-          grads[per_cell - 1] = at::mm(dh_rows[d].t(), hidden_pre);
+          grads[per_cell - 1] = at::empty_like(cell.w_hr, at::MemoryFormat::Contiguous);
+          PackedCell<scalar_t>::projection_gradient(dh_rows[d], hidden_pre, grads[per_cell - 1]);
         }
         weights[d].input_gradient(dgates[d], grad_layer_input, /*accumulate=*/d > 0);
       }
