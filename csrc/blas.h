@@ -234,28 +234,45 @@ class PackedWeight {
       const int64_t W = kPanelWidth, per_group = panels_per_group(), panels = group == 0 ? 0 : n / group * per_group;
       panels_ = at::empty({panels, k, W}, weight.options());
       T* out = panels_.data_ptr<T>();
+      const auto first_column = [&](int64_t p) { return (p / per_group) * group + (p % per_group) * W; };
+      const auto width_of = [&](int64_t p) { return std::min(W, (p / per_group + 1) * group - first_column(p)); };
       // Threads only for big weights; reads run along whichever of W's axes is contiguous.
-      at::parallel_for(0, panels, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, k * W)),
-                       [&](int64_t begin, int64_t end) {
-        for (int64_t p = begin; p < end; ++p) {
-          const int64_t first = (p / per_group) * group + (p % per_group) * W;
-          const int64_t width = std::min(W, (p / per_group + 1) * group - first);
-          const T* src = data + first * row_stride;
-          T* panel = out + p * k * W;
-          if (width < W) std::fill(panel, panel + k * W, T(0));
-          if (col_stride <= row_stride) {
+      constexpr int64_t kGrain = 1 << 16;
+      if (col_stride <= row_stride) {
+        at::parallel_for(0, panels, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, k * W)),
+                         [&](int64_t begin, int64_t end) {
+          for (int64_t p = begin; p < end; ++p) {
+            const int64_t width = width_of(p);
+            const T* src = data + first_column(p) * row_stride;
+            T* panel = out + p * k * W;
+            if (width < W) std::fill(panel, panel + k * W, T(0));
             for (int64_t lane = 0; lane < width; ++lane) {
               for (int64_t j = 0; j < k; ++j) panel[j * W + lane] = src[lane * row_stride + j * col_stride];
             }
-          } else {
-            for (int64_t j = 0; j < k; ++j) {
-              for (int64_t lane = 0; lane < width; ++lane) {
-                panel[j * W + lane] = src[lane * row_stride + j * col_stride];
+          }
+        });
+      } else {
+        // W's columns are contiguous (a [k, n] weight transposed): each column feeds every panel.
+        std::vector<int64_t> firsts(panels), widths(panels);
+        for (int64_t p = 0; p < panels; ++p) {
+          firsts[p] = first_column(p);
+          widths[p] = width_of(p);
+        }
+        at::parallel_for(0, k, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n)), [&](int64_t begin, int64_t end) {
+          for (int64_t j = begin; j < end; ++j) {
+            const T* src = data + j * col_stride;
+            for (int64_t p = 0; p < panels; ++p) {
+              T* dst = out + (p * k + j) * W;
+              if (row_stride == 1) {
+                std::memcpy(dst, src + firsts[p], widths[p] * sizeof(T));
+              } else {
+                for (int64_t lane = 0; lane < widths[p]; ++lane) dst[lane] = src[(firsts[p] + lane) * row_stride];
               }
+              std::fill(dst + widths[p], dst + W, T(0));
             }
           }
-        }
-      });
+        });
+      }
     }
   }
   // For C = A·Wᵀ with a weight W [n, k] as torch stores it.
