@@ -5,6 +5,9 @@ backward: products deeper than one depth block (input, hidden or projection size
 more rows than one row block (T·B above 96), batches that leave 1-, 2- and 3-row tiles (the
 1- and 2-row tiles walk several panels at once), hidden sizes that are and are not whole
 panels (16 float / 8 double columns), with and without projections, split between threads.
+The same cases reach the weight gradients' transposed product (dgatesᵀ·x): more steps·batch
+than one depth block (many_rows), more gate rows than one row block (deep_hidden), input and
+hidden sizes that leave a narrow last panel.
 """
 
 import pytest
