@@ -359,7 +359,8 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
     kernel::multiply_transposed(a, products);
   } else {
     const auto as_tensor = [](auto m) {
-      return at::from_blob(const_cast<T*>(m.data), {m.rows, m.cols}, {m.ld, 1}, at::TensorOptions(c10::CppTypeToScalarType<T>::value));
+      return at::from_blob(const_cast<T*>(m.data), {m.rows, m.cols}, {m.ld, 1},
+                           at::TensorOptions(c10::CppTypeToScalarType<T>::value));
     };
     for (const TransposedProduct<T>& p : products) {
       at::Tensor out = as_tensor(p.c);

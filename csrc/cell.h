@@ -65,15 +65,17 @@ struct PackedCell {
   // grad_w_hh = dgatesᵀ·h_prev, in one pass over dgates.
   static void weight_gradients(const Tensor& dgates, const Tensor& x, const Tensor& h_prev, const Tensor& grad_w_ih,
                                const Tensor& grad_w_hh) {
-    blas::multiply_transposed<scalar_t>(blas::as_matrix<const scalar_t>(dgates),
-                                        {{blas::as_matrix<const scalar_t>(x), blas::as_matrix<scalar_t>(grad_w_ih)},
-                                         {blas::as_matrix<const scalar_t>(h_prev), blas::as_matrix<scalar_t>(grad_w_hh)}});
+    using blas::as_matrix;
+    blas::multiply_transposed<scalar_t>(as_matrix<const scalar_t>(dgates),
+                                        {{as_matrix<const scalar_t>(x), as_matrix<scalar_t>(grad_w_ih)},
+                                         {as_matrix<const scalar_t>(h_prev), as_matrix<scalar_t>(grad_w_hh)}});
   }
   // The same for the projection: grad_w_hr = dhᵀ·h_pre, dh [N, P] the gradient of the projected
   // output, h_pre [N, H] the hidden state before the projection.
   static void projection_gradient(const Tensor& dh, const Tensor& h_pre, const Tensor& grad_w_hr) {
-    blas::multiply_transposed<scalar_t>(blas::as_matrix<const scalar_t>(dh),
-                                        {{blas::as_matrix<const scalar_t>(h_pre), blas::as_matrix<scalar_t>(grad_w_hr)}});
+    using blas::as_matrix;
+    blas::multiply_transposed<scalar_t>(as_matrix<const scalar_t>(dh),
+                                        {{as_matrix<const scalar_t>(h_pre), as_matrix<scalar_t>(grad_w_hr)}});
   }
 };
 

@@ -112,5 +112,6 @@ def test_cell_tanh_matches_torch_tanh_across_magnitudes(dtype, rtol, atol):
     w_ih = torch.tensor([[0.0], [0.0], [1.0], [0.0]], dtype=dtype)
     b_ih = torch.tensor([saturated, -saturated, 0.0, saturated], dtype=dtype)
     zeros = torch.zeros(x.numel(), 1, dtype=dtype)
-    _, c = lstm_ext.lstm_cell(x[:, None], (zeros, zeros), w_ih, torch.zeros(4, 1, dtype=dtype), b_ih, torch.zeros(4, dtype=dtype))
+    w_hh, b_hh = torch.zeros(4, 1, dtype=dtype), torch.zeros(4, dtype=dtype)
+    _, c = lstm_ext.lstm_cell(x[:, None], (zeros, zeros), w_ih, w_hh, b_ih, b_hh)
     torch.testing.assert_close(c[:, 0], torch.tanh(x), rtol=rtol, atol=atol)
