@@ -260,13 +260,13 @@ struct LSTMCell {
   }
 
   // gates[:, gate columns of units] += h · W_hh[rows of units]ᵀ, for h [rows, P]: one product
-  // per gate block.
+  // per gate block. `descending` walks W_hh backwards (blocks and depth; see PackedWeight::multiply).
   template <typename scalar_t>
   static void matmul_hh_add(Matrix<const scalar_t> h, const blas::PackedWeight<scalar_t>& w_hh, int64_t H,
-                            UnitSlice units, scalar_t* gates) {
-    for (int64_t block = 0; block < 4; ++block) {
-      const int64_t col = block * H + units.begin;
-      w_hh.multiply(h, col, {gates + col, h.rows, units.size(), 4 * H}, /*accumulate=*/true);
+                            UnitSlice units, scalar_t* gates, bool descending) {
+    for (int64_t i = 0; i < 4; ++i) {
+      const int64_t col = (descending ? 3 - i : i) * H + units.begin;
+      w_hh.multiply(h, col, {gates + col, h.rows, units.size(), 4 * H}, /*accumulate=*/true, nullptr, descending);
     }
   }
 };
