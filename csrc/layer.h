@@ -138,8 +138,9 @@ struct FullLayer {
         step_saved = {saved->tanh_cells.data_ptr<scalar_t>() + row0 * H,
                       saved->cells_prev.data_ptr<scalar_t>() + row0 * H};
       }
-      LSTMCell::matmul_hh_add<scalar_t>(from_output, weights.recurrent, H, units, g, k % 2 == 1);
-      LSTMCell::matmul_hh_add<scalar_t>(from_hx, weights.recurrent, H, units, g + from_output.rows * 4 * H, k % 2 == 1);
+      const bool descending = k % 2 == 1;  // alternate the walk over W_hh (see PackedWeight::multiply)
+      LSTMCell::matmul_hh_add<scalar_t>(from_output, weights.recurrent, H, units, g, descending);
+      LSTMCell::matmul_hh_add<scalar_t>(from_hx, weights.recurrent, H, units, g + from_output.rows * 4 * H, descending);
       if (!projected) {
         LSTMCell::forward_pointwise<scalar_t>(rows, H, units, g, c_data, {h_data, rows, P, P},
                                               {out + row0 * ld, rows, P, ld}, step_saved);
@@ -204,9 +205,9 @@ struct FullLayer {
       LSTMCell::backward_pointwise<scalar_t>(rows, H, units, dhidden, dc_data, gates + row0 * 4 * H,
                                              tanh_cells + row0 * H, cells_prev + row0 * H, dg);
       team.sync();
-      // dL/dh_{t-1} = dgates · W_hh, this member's columns.
+      // dL/dh_{t-1} = dgates · W_hh, this member's columns, alternating the walk over W_hh.
       weights.recurrent.multiply({dg, rows, 4 * H, 4 * H}, col_begin, {dh_data + col_begin, rows, cols, P}, false,
-                                 nullptr, k % 2 == 1);
+                                 nullptr, /*descending=*/k % 2 == 1);
     }
   }
 };
