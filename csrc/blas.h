@@ -33,6 +33,14 @@ Matrix<T> as_matrix(const at::Tensor& t) {
   return {t.data_ptr<std::remove_const_t<T>>(), t.size(0), t.size(1), t.stride(0)};
 }
 
+// A Matrix as a tensor over the same memory, for the ATen fallbacks.
+template <typename T>
+at::Tensor as_tensor(Matrix<T> m) {
+  using U = std::remove_const_t<T>;
+  return at::from_blob(const_cast<U*>(m.data), {m.rows, m.cols}, {m.ld, 1},
+                       at::TensorOptions(c10::CppTypeToScalarType<U>::value));
+}
+
 template <typename T>
 constexpr bool kOwnKernel = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
@@ -58,6 +66,12 @@ constexpr int64_t kDepthBlock = 256;
 // Rows whose A slice ([rows, kDepthBlock]) stays in L2 while every panel streams past it.
 constexpr int64_t kRowBlock = 96;
 
+// Rows of a product per task when its rows are split between threads: at least ~1M multiply-adds
+// (cols · depth per row), so that small products stay on one thread.
+inline int64_t row_grain(int64_t cols, int64_t depth) {
+  return std::max<int64_t>(kRowBlock / 4, (1 << 20) / std::max<int64_t>(1, cols * depth));
+}
+
 // The left operand A as the kernel reads it: element (r, k) is data[r * row_stride + k *
 // depth_stride] within a tile, and the tile of row r0 starts at data + r0 * tile_step. Either a
 // row-major matrix, or a block packed tile by tile ([tiles][depth][kTileRows]) so that a
@@ -73,15 +87,14 @@ struct Left {
 };
 
 // The right operand B, kPanelWidth columns at a time: element (k, lane) of panel q is
-// data[q * panel_stride + k * depth_stride + lane]. Either packed panels ([panels][depth][width],
-// a narrow last panel zero-padded), or a row-major matrix read in place.
+// data[q * panel_stride + k * depth_stride + lane], packed panels ([panels][depth][width], a
+// narrow last panel zero-padded).
 template <typename T>
 struct Right {
   const T* data;
   int64_t panel_stride, depth_stride;
 
   static Right packed(const T* data, int64_t depth) { return {data, depth * kPanelWidth<T>, kPanelWidth<T>}; }
-  static Right row_major(const T* data, int64_t ld) { return {data, kPanelWidth<T>, ld}; }
   Right panel(int64_t q) const { return {data + q * panel_stride, panel_stride, depth_stride}; }
 };
 
@@ -163,13 +176,13 @@ inline void tiles(int64_t rows, int64_t cols, Left<T> a, Right<T> b, int64_t dep
 template <typename T>
 void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<T>>& products) {
   constexpr int64_t W = kPanelWidth<T>;
+  const auto panel_count = [](int64_t cols) { return (cols + W - 1) / W; };
   int64_t columns = 0, panels = 0;
   for (const TransposedProduct<T>& p : products) {
     columns += p.c.cols;
-    panels += (p.c.cols + W - 1) / W;
+    panels += panel_count(p.c.cols);
   }
-  const int64_t grain = std::max<int64_t>(kRowBlock / 4, (1 << 20) / std::max<int64_t>(1, columns * a.rows));
-  at::parallel_for(0, a.cols, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, a.cols, row_grain(columns, a.rows), [&](int64_t begin, int64_t end) {
     std::vector<T> packed_a(kRowBlock * kDepthBlock), packed_b(panels * kDepthBlock * W);
     for (const TransposedProduct<T>& p : products) {
       for (int64_t r = begin; r < end; ++r) std::fill_n(p.c.data + r * p.c.ld, p.c.cols, T(0));
@@ -178,7 +191,7 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
       const int64_t depth = std::min(kDepthBlock, a.rows - k0);
       T* b_panels = packed_b.data();
       for (const TransposedProduct<T>& p : products) {
-        for (int64_t q = 0; q * W < p.c.cols; ++q) {
+        for (int64_t q = 0; q < panel_count(p.c.cols); ++q) {
           const int64_t width = std::min(W, p.c.cols - q * W);
           T* panel = b_panels + q * depth * W;
           const T* src = p.b.data + k0 * p.b.ld + q * W;
@@ -187,7 +200,7 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
             std::fill(panel + j * W + width, panel + (j + 1) * W, T(0));
           }
         }
-        b_panels += (p.c.cols + W - 1) / W * depth * W;
+        b_panels += panel_count(p.c.cols) * depth * W;
       }
       for (int64_t r0 = begin; r0 < end; r0 += kRowBlock) {
         const int64_t rows = std::min(kRowBlock, end - r0);
@@ -206,7 +219,7 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
         const T* b_block = packed_b.data();
         for (const TransposedProduct<T>& p : products) {
           tiles<T>(rows, p.c.cols, a_block, Right<T>::packed(b_block, depth), depth, p.c.data + r0 * p.c.ld, p.c.ld);
-          b_block += (p.c.cols + W - 1) / W * depth * W;
+          b_block += panel_count(p.c.cols) * depth * W;
         }
       }
     }
@@ -305,8 +318,7 @@ class PackedWeight {
   void multiply_parallel(Matrix<const T> a, int64_t first_col, Matrix<T> c, bool accumulate,
                          const T* bias = nullptr) const {
     if constexpr (!kOwnKernel<T>) return multiply(a, first_col, c, accumulate, bias);  // ATen threads itself
-    const int64_t grain = std::max<int64_t>(kernel::kRowBlock / 4, (1 << 20) / std::max<int64_t>(1, c.cols * k_));
-    at::parallel_for(0, c.rows, grain, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, c.rows, kernel::row_grain(c.cols, k_), [&](int64_t begin, int64_t end) {
       multiply({a.data + begin * a.ld, end - begin, a.cols, a.ld}, first_col,
                {c.data + begin * c.ld, end - begin, c.cols, c.ld}, accumulate, bias);
     });
@@ -340,9 +352,6 @@ class PackedWeight {
   }
 
   void multiply_aten(Matrix<const T> a, int64_t first_col, Matrix<T> c, bool accumulate, const T* bias) const {
-    const auto as_tensor = [&](auto m) {
-      return at::from_blob(const_cast<T*>(m.data), {m.rows, m.cols}, {m.ld, 1}, unpacked_.options());
-    };
     at::Tensor out = as_tensor(c);
     const at::Tensor lhs = as_tensor(a), rhs = unpacked_.narrow(0, first_col, c.cols).t();
     if (accumulate) {
@@ -366,10 +375,6 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
   if constexpr (kOwnKernel<T>) {
     kernel::multiply_transposed(a, products);
   } else {
-    const auto as_tensor = [](auto m) {
-      return at::from_blob(const_cast<T*>(m.data), {m.rows, m.cols}, {m.ld, 1},
-                           at::TensorOptions(c10::CppTypeToScalarType<T>::value));
-    };
     for (const TransposedProduct<T>& p : products) {
       at::Tensor out = as_tensor(p.c);
       at::mm_out(out, as_tensor(a).t(), as_tensor(p.b));

@@ -44,18 +44,14 @@ def _dense_args(proj_size=0):
     )
 
 
+def _shared_args(args):
+    """The arguments both _VF.lstm overloads take, in their order, from hx to bidirectional."""
+    names = ("params", "has_biases", "num_layers", "dropout", "train", "bidirectional")
+    return (tuple(args["hx"]), *(args[name] for name in names))
+
+
 def _call_dense(lstm, args):
-    return lstm(
-        args["input"],
-        tuple(args["hx"]),
-        args["params"],
-        args["has_biases"],
-        args["num_layers"],
-        args["dropout"],
-        args["train"],
-        args["bidirectional"],
-        args["batch_first"],
-    )
+    return lstm(args["input"], *_shared_args(args), args["batch_first"])
 
 
 def _set(key, make):
@@ -191,17 +187,7 @@ def _packed_args():
 
 
 def _call_packed(lstm, args):
-    return lstm(
-        args["data"],
-        args["batch_sizes"],
-        tuple(args["hx"]),
-        args["params"],
-        args["has_biases"],
-        args["num_layers"],
-        args["dropout"],
-        args["train"],
-        args["bidirectional"],
-    )
+    return lstm(args["data"], args["batch_sizes"], *_shared_args(args))
 
 
 def _batch_sizes(*sizes, dtype=torch.long):
