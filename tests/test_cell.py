@@ -12,7 +12,7 @@ from conftest import (
     make_pair,
     weighted_sum_loss,
 )
-from torch import nn
+from torch import Tensor, nn
 
 import lstm_ext
 
@@ -96,22 +96,49 @@ def test_lstm_cell_bad_input_raises_same_error_as_native(make_args):
 
 
 # The cell's activations are ours (csrc/cell.h), not ATen's: float64 computes tanh from one exp
-# and switches to a rational form near zero, where that formula would cancel. Feed the candidate
-# gate straight through (input and forget gates saturated) so that c' = tanh(x), and hold the
-# relative error to a few ulp, from 1e-300 up to where tanh rounds to ±1. float32 trades
-# accuracy for speed (exp_u20) and is held to its tolerance only.
-@pytest.mark.parametrize(
+# and switches to a rational form near zero, where that formula would cancel.
+# Saturating the other gates routes one activation of x straight to the new cell state: the
+# input and forget gates at 1 / 0 give c' = tanh(x); the candidate gate at 1 gives c' = sigmoid(x).
+# The relative error is held to a few ulp over the whole range, tanh from 1e-300 up to where it
+# rounds to ±1, sigmoid down to 1e-304 (where exp(-x) nears overflow). float32 trades accuracy
+# for speed (exp_u20) and is held to its tolerance only.
+_SATURATED = 1e4  # sigmoid(±1e4) is exactly 1 / 0, tanh(1e4) exactly 1
+_ACTIVATION_TOLERANCES = pytest.mark.parametrize(
     "dtype, rtol, atol",
     [(torch.float64, 8 * 2.0**-52, 0.0), (torch.float32, 1e-6, 1e-6)],
     ids=["float64", "float32"],
 )
+
+
+def _cell_state_through(gate: int, x: Tensor) -> Tensor:
+    """c' of one unit whose `gate` (i, f, g, o = 0..3) sees x and the others saturate: c' = i·g."""
+    weight = torch.zeros(4, 1, dtype=x.dtype)
+    weight[gate] = 1.0
+    bias = torch.tensor([_SATURATED, -_SATURATED, _SATURATED, _SATURATED], dtype=x.dtype)
+    bias[gate] = 0.0
+    zeros = torch.zeros(x.numel(), 1, dtype=x.dtype)
+    _, c = lstm_ext.lstm_cell(x[:, None], (zeros, zeros), weight, torch.zeros(4, 1, dtype=x.dtype), bias, torch.zeros_like(bias))
+    return c[:, 0]
+
+
+@_ACTIVATION_TOLERANCES
 def test_cell_tanh_matches_torch_tanh_across_magnitudes(dtype, rtol, atol):
     magnitudes = torch.logspace(-300 if dtype == torch.float64 else -30, 1.3, 4000, dtype=dtype)
     x = torch.cat([torch.linspace(-25, 25, 100001, dtype=dtype), magnitudes, -magnitudes])
-    saturated = 1e4  # sigmoid(±1e4) is exactly 1 / 0
-    w_ih = torch.tensor([[0.0], [0.0], [1.0], [0.0]], dtype=dtype)
-    b_ih = torch.tensor([saturated, -saturated, 0.0, saturated], dtype=dtype)
-    zeros = torch.zeros(x.numel(), 1, dtype=dtype)
-    w_hh, b_hh = torch.zeros(4, 1, dtype=dtype), torch.zeros(4, dtype=dtype)
-    _, c = lstm_ext.lstm_cell(x[:, None], (zeros, zeros), w_ih, w_hh, b_ih, b_hh)
-    torch.testing.assert_close(c[:, 0], torch.tanh(x), rtol=rtol, atol=atol)
+    torch.testing.assert_close(_cell_state_through(2, x), torch.tanh(x), rtol=rtol, atol=atol)
+
+
+@_ACTIVATION_TOLERANCES
+def test_cell_sigmoid_matches_torch_sigmoid_across_magnitudes(dtype, rtol, atol):
+    limit = 700 if dtype == torch.float64 else 87
+    x = torch.cat([torch.linspace(-limit, limit, 200001, dtype=dtype), torch.linspace(-1, 1, 10001, dtype=dtype)])
+    torch.testing.assert_close(_cell_state_through(0, x), torch.sigmoid(x), rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+def test_cell_activations_saturate_and_keep_nan(dtype):
+    # Not ±inf: the zero weights of the other gates would make them NaN before any activation.
+    big = torch.finfo(dtype).max
+    x = torch.tensor([-big, -800.0, -745.0, -709.0, -708.2, -100.0, 100.0, 709.0, 745.0, 800.0, big, float("nan")], dtype=dtype)
+    for gate, activation in ((0, torch.sigmoid), (2, torch.tanh)):
+        torch.testing.assert_close(_cell_state_through(gate, x), activation(x), rtol=0, atol=0, equal_nan=True)
