@@ -315,7 +315,8 @@ def test_dtypes_forward_and_backward_match_native(dtype, entry):
 
 
 # ---- threads -----------------------------------------------------------------------------------
-# Hidden size 64 and batch 16 give a direction enough work per step for a team of threads: with
+# Hidden size 64, projection 32 and batch 32 give a direction enough work per step for a team of
+# threads (4·64·32·32 = 262k multiply-adds, over twice layer.h's kMinStepWorkPerThread): with
 # two torch threads the unidirectional module splits each step's hidden units between them (and
 # meets at a spin barrier), the bidirectional one runs its directions at once (threads_per_direction
 # and for_each_direction in layer.h).
@@ -338,7 +339,7 @@ def _thread_job(seed, modules):
     2, 3; packed for even seeds, dense for odd ones."""
     module = modules[seed // 2 % 2]
     generator = torch.Generator().manual_seed(seed)
-    batch, seq_len = 16, 8
+    batch, seq_len = 32, 8
     input = torch.randn(seq_len, batch, THREAD_SHAPE["input_size"], generator=generator)
     lengths = torch.randint(1, seq_len + 1, (batch,), generator=generator) if seed % 2 == 0 else None
     states = module.num_layers * (2 if module.bidirectional else 1)
