@@ -192,10 +192,36 @@ def _run_backward(ctx, grad_output, grad_hy, grad_cy):
     params, workspace = rest[: ctx.num_params], rest[ctx.num_params :]
     if not workspace:
         raise RuntimeError("lstm_ext: the forward saved nothing for backward (it ran with need_workspace=False)")
-    args = (input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *ctx.options)
-    # With create_graph the call goes through the Autograd key, whose kernel makes a second
-    # backward raise instead of silently finding no graph.
-    return _ops.backward(*args) if torch.is_grad_enabled() else _below_autograd(_ops.backward, *args)
+    if torch.is_grad_enabled():  # create_graph
+        grad_input, grad_hx, grad_cx, *grad_params = _LSTMBackward.apply(
+            ctx.options, input, batch_sizes, hx, cx, grad_output, grad_hy, grad_cy, len(params), *params, *workspace
+        )
+        return grad_input, grad_hx, grad_cx, grad_params
+    return _below_autograd(
+        _ops.backward, input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *ctx.options
+    )
+
+
+class _LSTMBackward(torch.autograd.Function):
+    """lstm_ext::backward under create_graph: a second backward through its results raises
+    instead of silently finding no graph (native LSTMs have one; lstm_ext does not). Every
+    tensor is its own argument, so that autograd sees which of them require grad."""
+
+    @staticmethod
+    def forward(options, input, batch_sizes, hx, cx, grad_output, grad_hy, grad_cy, num_params, *params_and_workspace):
+        params, workspace = params_and_workspace[:num_params], params_and_workspace[num_params:]
+        grad_input, grad_hx, grad_cx, grad_params = _below_autograd(
+            _ops.backward, input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *options
+        )
+        return grad_input, grad_hx, grad_cx, *grad_params
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        pass
+
+    @staticmethod
+    def backward(ctx, *grads):
+        _no_double_backward(ctx)
 
 
 def _setup_context(ctx, inputs, output):

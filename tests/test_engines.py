@@ -53,12 +53,6 @@ def test_functional_call_with_swapped_parameters_matches_native(config, swapped)
     assert_matches_native(native, ext, input)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=RuntimeError,
-    reason="torch.library.register_autograd wraps the backward in an autograd.Function without a "
-    "setup_context staticmethod, which torch.func transforms reject (pytorch/pytorch#168393, #170834)",
-)
 def test_torch_func_grad_of_functional_call_matches_native():
     native, ext = make_lstm_pair(**FULL_FEATURED)
     input = make_input(DTYPE)
@@ -72,6 +66,13 @@ def test_torch_func_grad_of_functional_call_matches_native():
         return torch.func.grad(loss)(parameters)
 
     compare(grads(ext), grads(native))
+
+
+def test_torch_func_jacrev_raises_instead_of_vmapping_the_backward():
+    """jacrev vmaps the backward, for which lstm_ext has no rule: it must raise, not loop wrongly."""
+    _, ext = make_lstm_pair()
+    with pytest.raises(RuntimeError, match="vmap"):
+        torch.func.jacrev(lambda input: ext(input)[0])(make_input(DTYPE))
 
 
 def jvp_with_torch_func(module, input):
