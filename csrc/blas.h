@@ -258,9 +258,15 @@ class PackedWeight {
             const int64_t width = width_of(p);
             const T* src = data + first_column(p) * row_stride;
             T* panel = out + p * k * W;
-            if (width < W) std::fill(panel, panel + k * W, T(0));
+            int64_t j0 = 0;
+            if (width < W) {
+              std::fill(panel, panel + k * W, T(0));
+            } else if (col_stride == 1) {
+              // Square blocks through at::vec's in-register transpose, then the odd depth one by one.
+              for (; j0 + W <= k; j0 += W) at::vec::transpose_mxn<T, W, W>(src + j0, row_stride, panel + j0 * W, W);
+            }
             for (int64_t lane = 0; lane < width; ++lane) {
-              for (int64_t j = 0; j < k; ++j) panel[j * W + lane] = src[lane * row_stride + j * col_stride];
+              for (int64_t j = j0; j < k; ++j) panel[j * W + lane] = src[lane * row_stride + j * col_stride];
             }
           }
         });

@@ -63,12 +63,23 @@ def _strided(leaf):
     return torch.stack([leaf, torch.zeros_like(leaf)], -1).select(-1, 0)
 
 
+def _padded_rows(leaf):
+    """Rows of a buffer twice as wide: contiguous rows, each starting a whole row further on."""
+    return torch.cat([leaf, torch.zeros_like(leaf)], -1)[..., : leaf.shape[-1]]
+
+
 def _offset(leaf):
     """Contiguous, but starting one row into its storage."""
     return torch.cat([torch.zeros_like(leaf[:1]), leaf])[1:]
 
 
-LAYOUTS = {"transposed": _transposed, "strided": _strided, "offset": _offset, "expanded": None}
+LAYOUTS = {
+    "transposed": _transposed,
+    "strided": _strided,
+    "padded_rows": _padded_rows,
+    "offset": _offset,
+    "expanded": None,
+}
 
 
 def _leaf_and_view(tensor, layout):
@@ -90,14 +101,24 @@ def _run_functional(lstm, leaves_and_views, flags):
     return outputs, [leaf.grad for leaf in leaves]
 
 
+# "panels": weights deep and wide enough that packing takes whole square blocks through
+# at::vec's transpose (16 float / 8 double lanes) and then an odd remainder of depth.
+ODD_LAYOUT_SIZES = {
+    "tiny": (torch.float64, dict(input_size=INPUT_SIZE, hidden_size=HIDDEN_SIZE, **FULL_FEATURED)),
+    "panels-float64": (torch.float64, dict(input_size=40, hidden_size=24, num_layers=2, bidirectional=True, proj_size=20)),
+    "panels-float32": (torch.float32, dict(input_size=40, hidden_size=24, num_layers=2, bidirectional=True, proj_size=20)),
+}
+
+
 @pytest.mark.parametrize("target", ["input", "states", "weights", "everything"])
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_odd_layouts_match_native(layout, target):
-    dtype = torch.float64
-    native_module, _ = make_lstm_pair(dtype=dtype, **FULL_FEATURED)
+@pytest.mark.parametrize("sizes", list(ODD_LAYOUT_SIZES))
+def test_odd_layouts_match_native(sizes, layout, target):
+    dtype, config = ODD_LAYOUT_SIZES[sizes]
+    native_module, _ = make_lstm_pair(dtype=dtype, **config)
     h0, c0 = make_hx(native_module, dtype)
     weight_names = native_module._flat_weights_names
-    plain = {"input": make_input(dtype), "h0": h0, "c0": c0}
+    plain = {"input": make_input(dtype, input_size=config["input_size"]), "h0": h0, "c0": c0}
     plain.update((name, p.detach()) for name, p in zip(weight_names, native_module._flat_weights))
     groups = {"input": ["input"], "states": ["h0", "c0"], "weights": weight_names, "everything": list(plain)}
     flags = (True, 2, 0.0, True, True, False)
