@@ -44,9 +44,10 @@ struct DirectionSaved {
   Tensor hiddens_prev;  // [N, P]  h_{t-1}
 };
 
-// Below this many multiply-adds per thread, splitting a step costs more than it saves (measured
-// with 2 threads: a step of 131k multiply-adds runs 1.2-1.7x faster on one, of 221k 1.4x faster on two).
-constexpr int64_t kMinStepWorkPerThread = 96 * 1024;
+// Below this many multiply-adds per thread, splitting a step costs more than it saves. Measured
+// on 2 threads, the latency shape's 65k-multiply-add step runs 1.25-1.4x faster split; only while
+// another process takes CPU time from the partner thread does one thread win (by ~1.1x).
+constexpr int64_t kMinStepWorkPerThread = 1 << 15;
 // Below this many multiply-adds in a whole direction, starting a second thread does not pay.
 constexpr int64_t kMinDirectionWork = 1 << 20;
 
