@@ -195,9 +195,13 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
           const int64_t width = std::min(W, p.c.cols - q * W);
           T* panel = b_panels + q * depth * W;
           const T* src = p.b.data + k0 * p.b.ld + q * W;
-          for (int64_t j = 0; j < depth; ++j) {
-            std::memcpy(panel + j * W, src + j * p.b.ld, width * sizeof(T));
-            std::fill(panel + j * W + width, panel + (j + 1) * W, T(0));
+          if (width == W) {  // a constant size, which the compiler copies inline (no libc call per row)
+            for (int64_t j = 0; j < depth; ++j) std::memcpy(panel + j * W, src + j * p.b.ld, W * sizeof(T));
+          } else {
+            for (int64_t j = 0; j < depth; ++j) {
+              std::memcpy(panel + j * W, src + j * p.b.ld, width * sizeof(T));
+              std::fill(panel + j * W + width, panel + (j + 1) * W, T(0));
+            }
           }
         }
         b_panels += panel_count(p.c.cols) * depth * W;
