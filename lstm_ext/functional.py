@@ -199,14 +199,19 @@ def _run_backward(ctx, grad_output, grad_hy, grad_cy):
     params, workspace = rest[: ctx.num_params], rest[ctx.num_params :]
     if not workspace:
         raise RuntimeError("lstm_ext: the forward saved nothing for backward (it ran with need_workspace=False)")
-    if torch.is_grad_enabled():  # create_graph
-        grad_input, grad_hx, grad_cx, *grad_params = _LSTMBackward.apply(
-            ctx.options, input, batch_sizes, hx, cx, grad_output, grad_hy, grad_cy, len(params), *params, *workspace
-        )
-        return grad_input, grad_hx, grad_cx, grad_params
-    return _below_autograd(
-        _ops.backward, input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *ctx.options
+    args = (ctx.options, input, batch_sizes, hx, cx, grad_output, grad_hy, grad_cy, len(params), *params, *workspace)
+    backward = _LSTMBackward.apply if torch.is_grad_enabled() else _backward_op  # create_graph or not
+    grad_input, grad_hx, grad_cx, *grad_params = backward(*args)
+    return grad_input, grad_hx, grad_cx, grad_params
+
+
+def _backward_op(options, input, batch_sizes, hx, cx, grad_output, grad_hy, grad_cy, num_params, *params_and_workspace):
+    """lstm_ext::backward past its Autograd key, with every tensor its own argument."""
+    params, workspace = params_and_workspace[:num_params], params_and_workspace[num_params:]
+    grad_input, grad_hx, grad_cx, grad_params = _below_autograd(
+        _ops.backward, input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *options
     )
+    return grad_input, grad_hx, grad_cx, *grad_params
 
 
 class _LSTMBackward(torch.autograd.Function):
@@ -214,13 +219,7 @@ class _LSTMBackward(torch.autograd.Function):
     instead of silently finding no graph (native LSTMs have one; lstm_ext does not). Every
     tensor is its own argument, so that autograd sees which of them require grad."""
 
-    @staticmethod
-    def forward(options, input, batch_sizes, hx, cx, grad_output, grad_hy, grad_cy, num_params, *params_and_workspace):
-        params, workspace = params_and_workspace[:num_params], params_and_workspace[num_params:]
-        grad_input, grad_hx, grad_cx, grad_params = _below_autograd(
-            _ops.backward, input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *options
-        )
-        return grad_input, grad_hx, grad_cx, *grad_params
+    forward = staticmethod(_backward_op)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
