@@ -92,6 +92,9 @@ struct FullLayer {
   bool reverse;  // walk the steps last to first
 
   int64_t step_at(int64_t k) const { return reverse ? steps.count() - 1 - k : k; }
+  // Whether the k-th step walked takes W_hh's blocks last to first: alternating from step to
+  // step, forward and backward alike (see PackedWeight::multiply).
+  static bool walks_w_hh_descending(int64_t k) { return k % 2 == 1; }
 
   // h_{t-1} of the k-th step walked: its first rows are the previous step's output rows, the
   // rest (sequences that start here, walking in reverse) the initial state hx.
@@ -140,7 +143,7 @@ struct FullLayer {
         step_saved = {saved->tanh_cells.data_ptr<scalar_t>() + row0 * H,
                       saved->cells_prev.data_ptr<scalar_t>() + row0 * H};
       }
-      const bool descending = k % 2 == 1;  // alternate the walk over W_hh (see PackedWeight::multiply)
+      const bool descending = walks_w_hh_descending(k);
       LSTMCell::matmul_hh_add<scalar_t>(from_output, weights.recurrent, H, units, g, descending);
       LSTMCell::matmul_hh_add<scalar_t>(from_hx, weights.recurrent, H, units, g + from_output.rows * 4 * H, descending);
       if (!projected) {
@@ -209,7 +212,7 @@ struct FullLayer {
       team.sync();
       // dL/dh_{t-1} = dgates · W_hh, this member's columns, alternating the walk over W_hh.
       weights.recurrent.multiply({dg, rows, 4 * H, 4 * H}, col_begin, {dh_data + col_begin, rows, cols, P}, false,
-                                 nullptr, /*descending=*/k % 2 == 1);
+                                 nullptr, walks_w_hh_descending(k));
     }
   }
 };
