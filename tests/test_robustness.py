@@ -103,10 +103,11 @@ def _run_functional(lstm, leaves_and_views, flags):
 
 # "panels": weights deep and wide enough that packing takes whole square blocks through
 # at::vec's transpose (16 float / 8 double lanes) and then an odd remainder of depth.
+PANEL_SIZED = dict(input_size=40, hidden_size=24, num_layers=2, bidirectional=True, proj_size=20)
 ODD_LAYOUT_SIZES = {
     "tiny": (torch.float64, dict(input_size=INPUT_SIZE, hidden_size=HIDDEN_SIZE, **FULL_FEATURED)),
-    "panels-float64": (torch.float64, dict(input_size=40, hidden_size=24, num_layers=2, bidirectional=True, proj_size=20)),
-    "panels-float32": (torch.float32, dict(input_size=40, hidden_size=24, num_layers=2, bidirectional=True, proj_size=20)),
+    "panels-float64": (torch.float64, PANEL_SIZED),
+    "panels-float32": (torch.float32, PANEL_SIZED),
 }
 
 
