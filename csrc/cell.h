@@ -100,36 +100,57 @@ template <typename scalar_t>
 constexpr bool kVectorized = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
 #if defined(CPU_CAPABILITY_AVX2)
-// exp for float64 activations, inline: Sleef's 1-ulp exp is an out-of-line call that spills
-// every live register around it. Same method: n = round(x/ln2), r = x - n·ln2 in two parts,
-// exp(r) by its Taylor polynomial of degree 13 (truncation 5e-18 on |r| <= ln2/2) evaluated
-// by Estrin's scheme, so that the five exps of a step overlap; times 2^n from n's bits. Below
-// x = -708, where exp leaves the normal range, it returns 0: the activations add it to 1.
-inline at::vec::Vectorized<double> exp_inline(const at::vec::Vectorized<double>& x) {
-  const __m256d v = x;
-  const __m256d clamped = _mm256_min_pd(_mm256_max_pd(v, _mm256_set1_pd(-708.0)), _mm256_set1_pd(709.79));
-  // n + 1.5·2^52 holds n = round(x / ln2) in its low mantissa bits.
+// exp and expm1 for float64 activations, inline: Sleef's 1-ulp exp is an out-of-line call that
+// spills every live register around it, and its expm1 costs several exps. Same method:
+// n = round(x/ln2), r = x - n·ln2 in two parts, expm1(r) by its Taylor polynomial of degree 13
+// (truncation 5e-18 on |r| <= ln2/2) evaluated by Estrin's scheme, so that the five
+// activations of a step overlap; 2^n from n's bits.
+struct ReducedExp {
+  __m256d expm1_r;    // expm1(r)
+  __m256i n_shifted;  // the bits of n + 1.5·2^52: n in the low mantissa bits
+
+  // 2^(n + offset), for n + offset in the normal range.
+  __m256d pow2(int64_t offset) const {
+    return _mm256_castsi256_pd(_mm256_slli_epi64(_mm256_add_epi64(n_shifted, _mm256_set1_epi64x(1023 + offset)), 52));
+  }
+};
+
+// For x in [lo, hi], or NaN: max/min return their second operand when one is NaN, so NaN
+// flows through the arithmetic to the result.
+inline ReducedExp reduce_exp(__m256d x, double lo, double hi) {
+  x = _mm256_min_pd(_mm256_set1_pd(hi), _mm256_max_pd(_mm256_set1_pd(lo), x));
   const __m256d shifter = _mm256_set1_pd(0x1.8p52);
-  const __m256d n_shifted = _mm256_fmadd_pd(clamped, _mm256_set1_pd(1.4426950408889634), shifter);
+  const __m256d n_shifted = _mm256_fmadd_pd(x, _mm256_set1_pd(1.4426950408889634), shifter);
   const __m256d n = _mm256_sub_pd(n_shifted, shifter);
-  __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93147180559945286227e-01), clamped);
+  __m256d r = _mm256_fnmadd_pd(n, _mm256_set1_pd(6.93147180559945286227e-01), x);
   r = _mm256_fnmadd_pd(n, _mm256_set1_pd(2.31904681384629955842e-17), r);
   const auto c = [](double value) { return _mm256_set1_pd(value); };
   const auto pair = [&](double lo, double hi) { return _mm256_fmadd_pd(c(hi), r, c(lo)); };
   const __m256d r2 = _mm256_mul_pd(r, r), r4 = _mm256_mul_pd(r2, r2), r8 = _mm256_mul_pd(r4, r4);
   const __m256d low = _mm256_fmadd_pd(
       r4, _mm256_fmadd_pd(r2, pair(1.0 / 720, 1.0 / 5040), pair(1.0 / 24, 1.0 / 120)),
-      _mm256_fmadd_pd(r2, pair(0.5, 1.0 / 6), pair(1.0, 1.0)));
+      _mm256_fmadd_pd(r2, pair(0.5, 1.0 / 6), r));
   const __m256d high = _mm256_fmadd_pd(
       r4, pair(1.0 / 479001600, 1.0 / 6227020800),
       _mm256_fmadd_pd(r2, pair(1.0 / 3628800, 1.0 / 39916800), pair(1.0 / 40320, 1.0 / 362880)));
-  const __m256d poly = _mm256_fmadd_pd(r8, high, low);
-  // 2^(n-1) from n's bits, times 2 in the sum poly + poly: 2^n itself overflows at n = 1024.
-  const __m256i exponent = _mm256_slli_epi64(_mm256_add_epi64(_mm256_castpd_si256(n_shifted), _mm256_set1_epi64x(1022)), 52);
-  const __m256d result = _mm256_mul_pd(_mm256_add_pd(poly, poly), _mm256_castsi256_pd(exponent));
-  const __m256d underflow = _mm256_cmp_pd(v, _mm256_set1_pd(-708.0), _CMP_LT_OQ);
-  const __m256d nan = _mm256_cmp_pd(v, v, _CMP_UNORD_Q);
-  return _mm256_blendv_pd(_mm256_andnot_pd(underflow, result), v, nan);
+  return {_mm256_fmadd_pd(r8, high, low), _mm256_castpd_si256(n_shifted)};
+}
+
+// exp(x), clamped to [exp(-708), exp(709.79)]: the activations only add it to 1, where the
+// clamp changes nothing. 2^(n-1)·(2 + 2·expm1(r)), as 2^n overflows at n = 1024.
+inline at::vec::Vectorized<double> exp_inline(const at::vec::Vectorized<double>& x) {
+  const ReducedExp e = reduce_exp(x, -708.0, 709.79);
+  const __m256d half_scale = e.pow2(-1);
+  const __m256d half = _mm256_fmadd_pd(e.expm1_r, half_scale, half_scale);
+  return _mm256_add_pd(half, half);
+}
+
+// expm1(x), clamped to [expm1(-708), expm1(709)] = [-1, 8.2e307]: 2^n·expm1(r) + (2^n - 1),
+// exact where n = 0 (|x| < ln2/2), which is what tanh(x) = expm1(2x) / (expm1(2x) + 2) needs.
+inline at::vec::Vectorized<double> expm1_inline(const at::vec::Vectorized<double>& x) {
+  const ReducedExp e = reduce_exp(x, -708.0, 709.0);
+  const __m256d scale = e.pow2(0);
+  return _mm256_fmadd_pd(e.expm1_r, scale, _mm256_sub_pd(scale, _mm256_set1_pd(1.0)));
 }
 #endif
 
@@ -160,17 +181,15 @@ inline V tanh(const V& x) {
   if constexpr (std::is_same_v<V, at::vec::Vectorized<float>>) {
     return V(2) * sigmoid(x + x) - V(1);  // tanh(x) = 2·sigmoid(2x) - 1
   } else {
-    // Sleef's 1-ulp tanh (and expm1) cost several of its exp: tanh(x) = 1 - 2 / (exp(2x) + 1)
-    // takes one exp and stays within a few ulp for |x| >= 0.625; below that it cancels, and
-    // Cephes' rational approximation (relative error ~2.5e-16 there) takes over.
-    const V z = x * x;
-    const V p = at::vec::fmadd(at::vec::fmadd(V(-9.64399179425052238628e-1), z, V(-9.92877231001918586564e1)), z,
-                               V(-1.61468768441708447952e3));
-    const V q = at::vec::fmadd(at::vec::fmadd(z + V(1.12811678491632931402e2), z, V(2.23548839060100448583e3)), z,
-                               V(4.84406305325125486048e3));
-    const V small = at::vec::fmadd(x * z, p / q, x);
-    const V large = V(1) - V(2) / (exp_for_activation(x + x) + V(1));
-    return V::blendv(large, small, x.abs() < V(0.625));
+    // One expm1 and one division, a few ulp everywhere: expm1 keeps small x's digits, where
+    // 1 - 2 / (exp(2x) + 1) would cancel. Clamped at 709, expm1 stays finite and gives ±1 past
+    // tanh's saturation.
+#if defined(CPU_CAPABILITY_AVX2)
+    const V e = expm1_inline(x + x);
+#else
+    const V e = at::vec::minimum(x + x, V(709.0)).expm1();
+#endif
+    return e / (e + V(2));
   }
 }
 

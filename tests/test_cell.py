@@ -95,8 +95,8 @@ def test_lstm_cell_bad_input_raises_same_error_as_native(make_args):
     assert_same_error(lambda: native(*args), lambda: ext(*args))
 
 
-# The cell's activations are ours (csrc/cell.h), not ATen's: float64 inlines its own exp, and
-# computes tanh from one exp with a rational form near zero, where that formula would cancel.
+# The cell's activations are ours (csrc/cell.h), not ATen's: float64 inlines its own exp and
+# expm1, and computes tanh as expm1(2x) / (expm1(2x) + 2).
 # Saturating the other gates routes one activation of x straight to the new cell state: the
 # input and forget gates at 1 / 0 give c' = tanh(x); the candidate gate at 1 gives c' = sigmoid(x).
 # The relative error is held to a few ulp over the whole range, tanh from 1e-300 up to where it
