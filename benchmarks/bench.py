@@ -30,8 +30,11 @@ weights each call (gradients come from torch.autograd.grad, so nothing
 accumulates).
 
 Reported per row: median ms per contender; ratios contender / lstm_ext (> 1:
-lstm_ext faster); lstm_ext GFLOP/s counting GEMM flops only, 2*4H*(in+H) per
-token, layer and direction, training as 3x forward; and that as a share of
+lstm_ext faster), each the median over repeats of the ratio within one repeat,
+so that a slow spell of the machine (another VM on the same cores) slows both
+sides of a ratio instead of whichever contender it fell on; lstm_ext GFLOP/s
+counting GEMM flops only, 2*4H*(in+H) per token, layer and direction, training
+as 3x forward; and that as a share of
 this machine's GEMM peak (best 1024^3 torch.mm before and after the rows,
 same process and threads).
 Per mode: the geometric mean of each ratio. Written to --out as results.json,
@@ -298,11 +301,12 @@ def measure_row(shape: Shape, mode: str, contenders: list, repeats: int) -> dict
             for c in order.sample(active, len(active)):
                 samples[c.name].append(time_sample(c, problem, train, n_calls[c.name]))
     seconds = {name: statistics.median(s) for name, s in samples.items()}
+    ext_samples = samples.pop("lstm_ext")
     ext = seconds.pop("lstm_ext")
     gflops = flops / ext / 1e9
     return {**row, "calls_per_sample": n_calls,
             "time_ms": {"lstm_ext": 1e3 * ext, **{n: 1e3 * s for n, s in seconds.items()}},
-            "ratios": {n: s / ext for n, s in seconds.items()},
+            "ratios": {n: statistics.median(a / b for a, b in zip(s, ext_samples)) for n, s in samples.items()},
             "gflops_lstm_ext": gflops}
 
 
