@@ -130,7 +130,12 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
     if batch_sizes is not None and batch_sizes.device.type != "cpu":
         raise RuntimeError(f"lstm_ext: batch_sizes must be a CPU tensor, got one on {batch_sizes.device}")
     options = (has_biases, num_layers, float(dropout), train, bidirectional)
-    if torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params)):
+    if torch.jit.is_tracing():
+        # The graph records the dispatcher op (autograd through register_autograd below), not a
+        # Python autograd.Function it could not save, and the same op whatever the grad mode:
+        # the tracer's check traces again under no_grad, and the traced module may be trained.
+        output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, True)
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params)):
         output, hy, cy, *_workspace = _LSTMFunction.apply(input, batch_sizes, hx, cx, options, *params)
     else:
         output, hy, cy, _ = _below_autograd(_ops.forward, input, batch_sizes, hx, cx, params, *options, False)

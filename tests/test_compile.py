@@ -1,4 +1,4 @@
-"""lstm_ext's operators under torch.library.opcheck, torch.compile and torch.export.
+"""lstm_ext's operators under torch.library.opcheck, torch.compile, torch.export and torch.jit.trace.
 
 Compiled and exported runs are checked against native eager ``nn.LSTM`` / ``torch._VF.lstm``
 (values and gradients). Dynamo refuses every ``nn.LSTM`` instance, ``lstm_ext.LSTM`` included,
@@ -269,3 +269,18 @@ def test_exported_module_matches_native_on_new_shapes(config):
     for seq_len, batch in [(SEQ_LEN, BATCH), *NEW_SHAPES]:
         input = make_input(DTYPE, seq_len=seq_len, batch=batch, batch_first=batch_first)
         assert_matches_native(native, module, input)
+
+
+@pytest.mark.parametrize(
+    "config", [dict(), dict(FULL_FEATURED, batch_first=True)], ids=["defaults", "bi-proj-batchfirst"]
+)
+def test_traced_module_matches_native_on_new_shapes_before_and_after_save_and_load(config, tmp_path):
+    native, ext = make_lstm_pair(**config)
+    batch_first = config.get("batch_first", False)
+    traced = torch.jit.trace(ext, make_input(DTYPE, batch_first=batch_first))
+    assert "lstm_ext::forward" in str(traced.graph)
+    torch.jit.save(traced, tmp_path / "lstm.pt")
+    for module in (traced, torch.jit.load(tmp_path / "lstm.pt")):
+        for seq_len, batch in [(SEQ_LEN, BATCH), *NEW_SHAPES]:
+            input = make_input(DTYPE, seq_len=seq_len, batch=batch, batch_first=batch_first)
+            assert_matches_native(native, module, input)
