@@ -63,6 +63,11 @@ def _operators_registered() -> bool:
 
 def import_operators():
     """Load the operators into the dispatcher: the prebuilt ``_C`` when present, else a JIT build."""
+    # torch first: _C links against libc10 and libtorch, which the loader finds only once torch
+    # has loaded them. Without it, `import lstm_ext` before `import torch` failed to import _C:
+    # from a checkout it compiled a JIT build instead, and installed without sources it raised.
+    import torch  # noqa: F401
+
     try:
         from lstm_ext import _C
     except ImportError as prebuilt_error:

@@ -1,4 +1,6 @@
-"""lstm_ext.LSTM as a drop-in nn.LSTM: class, parameters, state_dict, errors, training, conversions."""
+"""lstm_ext.LSTM as a drop-in nn.LSTM: import, class, parameters, state_dict, errors, training, conversions."""
+
+import sys
 
 import pytest
 import torch
@@ -15,11 +17,20 @@ from conftest import (
     make_hx,
     make_input,
     make_lstm_pair,
+    run_python,
 )
 from torch import nn
 
 import lstm_ext
 
+
+def test_importing_lstm_ext_before_torch_takes_the_installed_extension(tmp_path):
+    # _C finds libc10 only once torch is loaded: a fresh interpreter whose first import is
+    # lstm_ext must still import _C, not compile a JIT build (nor fail, installed without sources).
+    if "lstm_ext._C" not in sys.modules:
+        pytest.skip("this environment has no installed lstm_ext._C (the suite runs on a JIT build)")
+    run_python("import sys, lstm_ext\nassert 'lstm_ext._C' in sys.modules, 'no lstm_ext._C imported'\n", tmp_path)
+    assert not list(tmp_path.iterdir()), "a JIT build was compiled"
 
 
 def test_lstm_is_a_subclass_of_nn_lstm():
