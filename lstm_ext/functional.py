@@ -121,6 +121,8 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
                 "lstm_ext: input, hidden states and parameters must be on one device, "
                 f"got input on {input.device} and a tensor on {tensor.device}"
             )
+        if tensor.layout != torch.strided:
+            raise RuntimeError(f"lstm_ext: expected dense (strided) tensors, got one with layout {tensor.layout}")
         # Without this, forward-mode AD would silently drop the tangents.
         if forward_ad.unpack_dual(tensor).tangent is not None:
             raise NotImplementedError(
