@@ -51,9 +51,13 @@ struct PackedCell {
             p.has_projection() ? std::optional<Weight>(Weight::columns_of(p.w_hr, H)) : std::nullopt, Tensor()};
   }
 
-  // The input projection of every row at once, one product: gates = x W_ihᵀ + b_ih + b_hh, [N, 4H].
-  void project_input(const Tensor& x, const Tensor& gates) const {
-    input.multiply_parallel(blas::as_matrix<const scalar_t>(x), 0, blas::as_matrix<scalar_t>(gates), false,
+  // The input projection of x's rows [begin, end) at once, one product: their x W_ihᵀ + b_ih + b_hh
+  // into gates' first end - begin rows.
+  void project_input(const Tensor& x, int64_t begin, int64_t end, const Tensor& gates) const {
+    const blas::Matrix<const scalar_t> in = blas::as_matrix<const scalar_t>(x);
+    const blas::Matrix<scalar_t> out = blas::as_matrix<scalar_t>(gates);
+    input.multiply_parallel({in.data + begin * in.ld, end - begin, in.cols, in.ld}, 0,
+                            {out.data, end - begin, out.cols, out.ld}, false,
                             bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
   }
   // Its backward twin (on a PackedCell for_backward): grad_x = dgates · W_ih, or += with `accumulate`.

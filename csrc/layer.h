@@ -92,6 +92,11 @@ struct FullLayer {
   bool reverse;  // walk the steps last to first
 
   int64_t step_at(int64_t k) const { return reverse ? steps.count() - 1 - k : k; }
+  // The rows [begin, end) of the steps walked k_begin .. k_end - 1: consecutive either way.
+  std::pair<int64_t, int64_t> rows_walked(int64_t k_begin, int64_t k_end) const {
+    const int64_t first = std::min(step_at(k_begin), step_at(k_end - 1)), last = std::max(step_at(k_begin), step_at(k_end - 1));
+    return {steps.offsets[first], steps.offsets[last] + steps.batch_sizes[last]};
+  }
   // Whether the k-th step walked takes W_hh's blocks last to first: alternating from step to
   // step, forward and backward alike (see PackedWeight::multiply).
   static bool walks_w_hh_descending(int64_t k) { return k % 2 == 1; }
@@ -107,15 +112,16 @@ struct FullLayer {
     return {{prev_rows, from_output, P, output.ld}, {hx + from_output * P, rows - from_output, P, P}};
   }
 
-  // One team member's part of the forward. gates [N, 4H] holds the input projection of every row
-  // and is left holding the activations. hx [B, P] is the initial hidden state; h [B, P] receives
-  // the final one; c [B, H] holds the initial cell state on entry and the final one on exit.
-  // output [N, P] (row-strided: this direction's columns of the layer output) receives h_t.
-  // h_pre [B, H] is scratch for the hidden state before the projection.
+  // One team member's part of the forward over the steps walked k_begin .. k_end - 1 (a later
+  // call goes on from the state this one leaves). gates holds the input projection of their rows,
+  // rows_walked(k_begin, k_end), and is left holding the activations. hx [B, P] is the initial
+  // hidden state; h [B, P] receives the last step's; c [B, H] holds the cell state on entry and
+  // on exit. output [N, P] (row-strided: this direction's columns of the layer output) receives
+  // h_t. h_pre [B, H] is scratch for the hidden state before the projection.
   template <typename scalar_t>
-  void forward(const CellParams& params, const PackedCell<scalar_t>& weights, const Tensor& gates, const Tensor& hx,
-               const Tensor& h, const Tensor& c, const Tensor& output, const DirectionSaved* saved, const Tensor& h_pre,
-               TeamMember team) const {
+  void forward(const CellParams& params, const PackedCell<scalar_t>& weights, int64_t k_begin, int64_t k_end,
+               const Tensor& gates, const Tensor& hx, const Tensor& h, const Tensor& c, const Tensor& output,
+               const DirectionSaved* saved, const Tensor& h_pre, TeamMember team) const {
     const int64_t H = params.hidden_size(), P = params.output_size(), ld = output.stride(0);
     const auto [unit_begin, unit_end] = team.share(H, kShareAlign<scalar_t>);
     const UnitSlice units{unit_begin, unit_end};
@@ -123,13 +129,14 @@ struct FullLayer {
     const bool projected = params.has_projection();
     const scalar_t* hx_data = hx.data_ptr<scalar_t>();
     scalar_t* gate_data = gates.data_ptr<scalar_t>();
+    const int64_t gates_row0 = rows_walked(k_begin, k_end).first;
     scalar_t* h_data = h.data_ptr<scalar_t>();
     scalar_t* c_data = c.data_ptr<scalar_t>();
     scalar_t* out = output.data_ptr<scalar_t>();
     scalar_t* h_pre_data = projected ? h_pre.data_ptr<scalar_t>() : nullptr;
-    for (int64_t k = 0; k < steps.count(); ++k) {
+    for (int64_t k = k_begin; k < k_end; ++k) {
       const int64_t t = step_at(k), rows = steps.batch_sizes[t], row0 = steps.offsets[t];
-      scalar_t* g = gate_data + row0 * 4 * H;
+      scalar_t* g = gate_data + (row0 - gates_row0) * 4 * H;
       const auto [from_output, from_hx] = hidden_prev<scalar_t>(k, {out, 0, P, ld}, hx_data, P);
       StepSaved<scalar_t> step_saved;
       if (saved) {

@@ -180,6 +180,20 @@ struct Workspace {
 
 // ---- forward ----------------------------------------------------------------------------------
 
+// Inference projects the input in chunks of steps of at most this many bytes of gates (all
+// directions together), so that malloc keeps the buffer between calls: glibc hands a block over
+// 32 MB back to the OS when it is freed, and the next call's first touch of it page-faults again
+// (5.5 ms for the large shape's 52 MB, 1.06x its inference). Smaller chunks cost more than they
+// save: each projection between chunks evicts part of W_hh (the wide shape's 16 MB, 0.98x).
+constexpr int64_t kInferenceChunkBytes = 24 << 20;
+
+// Steps per chunk: as few chunks as keep each within kInferenceChunkBytes, of equal size.
+int64_t inference_chunk_steps(const Steps& steps, int64_t gate_bytes_per_row) {
+  const int64_t bytes = steps.rows() * gate_bytes_per_row;
+  const int64_t chunks = std::clamp<int64_t>((bytes + kInferenceChunkBytes - 1) / kInferenceChunkBytes, 1, steps.count());
+  return (steps.count() + chunks - 1) / chunks;
+}
+
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
     const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
     TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
@@ -197,10 +211,13 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   const Tensor h0 = hx.contiguous(), c0 = cx.contiguous();
   Tensor hy = h0.clone(), cy = c0.clone();
   Workspace ws = need_workspace ? Workspace::allocate(s, N, apply_dropout, opts) : Workspace{};
-  // Inference reuses one input-projection buffer per direction across layers.
+  // Inference projects the input a chunk of steps at a time into one buffer per direction, reused
+  // across chunks and layers (see kInferenceChunkBytes).
+  const int64_t chunk_steps = need_workspace ? steps.count() : inference_chunk_steps(steps, D * 4 * H * input.element_size());
   std::vector<Tensor> scratch_gates;
   if (!need_workspace) {
-    for (int64_t d = 0; d < D; ++d) scratch_gates.push_back(at::empty({N, 4 * H}, opts));
+    const int64_t rows = std::min(N, chunk_steps * steps.max_batch());
+    for (int64_t d = 0; d < D; ++d) scratch_gates.push_back(at::empty({rows, 4 * H}, opts));
   }
   const Tensor h_pre = cells.front().has_projection() ? at::empty({D, steps.max_batch(), H}, opts) : Tensor();
 
@@ -219,7 +236,6 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
         const int64_t c = l * D + d;
         weights.push_back(PackedCell<scalar_t>::for_forward(cells[c]));
         gates.push_back(need_workspace ? ws.gates[c] : scratch_gates[d]);
-        weights.back().project_input(layer_input, gates.back());
         outputs.push_back(layer_output.narrow(1, d * P, P));
         h0s.push_back(h0[c]);
         hys.push_back(hy[c]);
@@ -227,10 +243,18 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
         h_pres.push_back(h_pre.defined() ? h_pre[d] : Tensor());
         saved.push_back(need_workspace ? ws.direction(c) : DirectionSaved{});
       }
-      for_each_direction(D, threads, [&](int d, TeamMember member) {
-        FullLayer{steps, d == 1}.forward<scalar_t>(cells[l * D + d], weights[d], gates[d], h0s[d], hys[d], cys[d],
-                                                   outputs[d], need_workspace ? &saved[d] : nullptr, h_pres[d], member);
-      });
+      for (int64_t k0 = 0; k0 < steps.count(); k0 += chunk_steps) {
+        const int64_t k1 = std::min(k0 + chunk_steps, steps.count());
+        for (int64_t d = 0; d < D; ++d) {
+          const auto [row_begin, row_end] = FullLayer{steps, d == 1}.rows_walked(k0, k1);
+          weights[d].project_input(layer_input, row_begin, row_end, gates[d]);
+        }
+        for_each_direction(D, threads, [&](int d, TeamMember member) {
+          FullLayer{steps, d == 1}.forward<scalar_t>(cells[l * D + d], weights[d], k0, k1, gates[d], h0s[d],
+                                                     hys[d], cys[d], outputs[d], need_workspace ? &saved[d] : nullptr,
+                                                     h_pres[d], member);
+        });
+      }
       if (apply_dropout && !last) {
         // The same RNG draws as ATen's dropout between layers, so a seed gives native's masks.
         Tensor mask = need_workspace ? ws.dropout_masks[l] : at::empty_like(layer_output);
