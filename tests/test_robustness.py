@@ -195,17 +195,20 @@ def test_odd_layout_packed_data_and_batch_sizes_match_native(layout):
 
 
 # Inference projects the input a chunk of steps at a time (lstm.cpp, kInferenceChunkBytes: 24 MB
-# of gates for all directions). Here a step is 2 directions x 128 rows x 1024 gates x 8 bytes =
-# 2 MB, so 26 steps run as chunks of 9, 9 and 8, the reverse direction's from the last step.
-CHUNKED = dict(input_size=8, hidden_size=256, num_layers=2, bidirectional=True)
+# of gates for all directions). Here a step is 128 rows x 1024 gates x 8 bytes = 1 MB a
+# direction, so 26 steps run as chunks of 13 and 13 (one direction, dense or packed) or of 9, 9
+# and 8 (two directions, dense: the reverse direction's from the last step); packed
+# bidirectional input runs in one chunk.
+CHUNKED = dict(input_size=8, hidden_size=256, num_layers=2)
 CHUNKED_STEPS, CHUNKED_BATCH = 26, 128
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("proj_size", [0, 16], ids=["noproj", "proj"])
-def test_inference_in_chunks_of_steps_matches_native(num_threads, proj_size, packed):
+def test_inference_in_chunks_of_steps_matches_native(num_threads, proj_size, bidirectional, packed):
     dtype = torch.float64
-    native, ext = make_lstm_pair(dtype=dtype, proj_size=proj_size, **CHUNKED)
+    native, ext = make_lstm_pair(dtype=dtype, proj_size=proj_size, bidirectional=bidirectional, **CHUNKED)
     input = make_input(dtype, seq_len=CHUNKED_STEPS, batch=CHUNKED_BATCH, input_size=CHUNKED["input_size"])
     hx = make_hx(native, dtype, batch=CHUNKED_BATCH)
     lengths = torch.randint(1, CHUNKED_STEPS + 1, (CHUNKED_BATCH,), generator=torch.Generator().manual_seed(0))
