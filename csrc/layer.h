@@ -94,7 +94,8 @@ struct FullLayer {
   int64_t step_at(int64_t k) const { return reverse ? steps.count() - 1 - k : k; }
   // The rows [begin, end) of the steps walked k_begin .. k_end - 1: consecutive either way.
   std::pair<int64_t, int64_t> rows_walked(int64_t k_begin, int64_t k_end) const {
-    const int64_t first = std::min(step_at(k_begin), step_at(k_end - 1)), last = std::max(step_at(k_begin), step_at(k_end - 1));
+    const int64_t first = std::min(step_at(k_begin), step_at(k_end - 1));
+    const int64_t last = std::max(step_at(k_begin), step_at(k_end - 1));
     return {steps.offsets[first], steps.offsets[last] + steps.batch_sizes[last]};
   }
   // Whether the k-th step walked takes W_hh's blocks last to first: alternating from step to

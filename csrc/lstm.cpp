@@ -194,7 +194,8 @@ constexpr int64_t kInferenceChunkBytes = 24 << 20;
 int64_t inference_chunk_steps(const Steps& steps, int64_t num_directions, int64_t gate_bytes_per_row) {
   if (num_directions == 2 && steps.batch_sizes.front() != steps.batch_sizes.back()) return steps.count();
   const int64_t bytes = steps.rows() * gate_bytes_per_row;
-  const int64_t chunks = std::clamp<int64_t>((bytes + kInferenceChunkBytes - 1) / kInferenceChunkBytes, 1, steps.count());
+  const int64_t chunks =
+      std::clamp<int64_t>((bytes + kInferenceChunkBytes - 1) / kInferenceChunkBytes, 1, steps.count());
   return (steps.count() + chunks - 1) / chunks;
 }
 
@@ -217,7 +218,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   Workspace ws = need_workspace ? Workspace::allocate(s, N, apply_dropout, opts) : Workspace{};
   // Inference projects the input a chunk of steps at a time into one buffer per direction, reused
   // across chunks and layers (see kInferenceChunkBytes).
-  const int64_t chunk_steps = need_workspace ? steps.count() : inference_chunk_steps(steps, D, D * 4 * H * input.element_size());
+  const int64_t chunk_steps =
+      need_workspace ? steps.count() : inference_chunk_steps(steps, D, D * 4 * H * input.element_size());
   std::vector<Tensor> scratch_gates;
   if (!need_workspace) {
     const int64_t rows = std::min(N, chunk_steps * steps.max_batch());
