@@ -213,10 +213,10 @@ def test_inference_in_chunks_of_steps_matches_native(num_threads, proj_size, bid
     hx = make_hx(native, dtype, batch=CHUNKED_BATCH)
     lengths = torch.randint(1, CHUNKED_STEPS + 1, (CHUNKED_BATCH,), generator=torch.Generator().manual_seed(0))
     lengths[3] = CHUNKED_STEPS
+    sequence = pack_padded_sequence(input, lengths, enforce_sorted=False) if packed else input
     with torch.no_grad():
         outputs = []
         for module in (native, ext):
-            sequence = pack_padded_sequence(input, lengths, enforce_sorted=False) if packed else input
             output, (h_n, c_n) = module(sequence, hx)
             outputs.append((output.data if packed else output, h_n, c_n))
     compare_all(outputs[1], outputs[0], "(output, h_n, c_n)")
