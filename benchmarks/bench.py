@@ -34,9 +34,8 @@ lstm_ext faster), each the median over repeats of the ratio within one repeat,
 so that a slow spell of the machine (another VM on the same cores) slows both
 sides of a ratio instead of whichever contender it fell on; lstm_ext GFLOP/s
 counting GEMM flops only, 2*4H*(in+H) per token, layer and direction, training
-as 3x forward; and that as a share of
-this machine's GEMM peak (best 1024^3 torch.mm before and after the rows,
-same process and threads).
+as 3x forward; and that as a share of this machine's GEMM peak (best 1024^3
+torch.mm before and after the rows, same process and threads).
 Per mode: the geometric mean of each ratio. Written to --out as results.json,
 results.md and ratios.png.
 
