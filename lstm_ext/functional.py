@@ -131,7 +131,7 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         return _ops.forward_differentiable(input, _as_list(batch_sizes), hx, cx, params, *options, None)
     if transform == "vmap":
         # Through the dispatcher, to the batching rule registered below.
-        need_workspace = torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params))
+        need_workspace = torch.is_grad_enabled() and any(map(_requires_grad_below_vmap, (input, hx, cx, *params)))
         output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, need_workspace)
         return output, hy, cy
     if torch.jit.is_tracing():
@@ -168,6 +168,13 @@ def _transform_of(*tensors) -> str | None:
 
 
 _TransformType = torch._C._functorch.TransformType
+
+
+def _requires_grad_below_vmap(tensor):
+    """Whether the tensor a vmap wraps requires grad (the wrapper itself never says so)."""
+    while torch._C._functorch.is_batchedtensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor.requires_grad
 
 
 def _as_list(batch_sizes):

@@ -244,7 +244,13 @@ def test_vmap_over_an_ensemble_matches_loop():
         return output, h_n, c_n
 
     expected = tuple(torch.stack(parts) for parts in zip(*[f(dict(m.named_parameters()), {}) for m in models]))
-    compare(vmap(f)(parameters, buffers), expected)
+    actual = vmap(f)(parameters, buffers)
+    compare(actual, expected)
+    # Gradients reach the stacked weights as they reach each model's.
+    names = list(parameters)
+    actual_grads = torch.autograd.grad(weighted_sum_loss(actual), [parameters[n] for n in names])
+    expected_grads = torch.autograd.grad(weighted_sum_loss(expected), [p for m in models for p in m.parameters()])
+    compare(actual_grads, [torch.stack(expected_grads[i :: len(names)]) for i in range(len(names))])
 
 
 def test_gradients_through_vmap_match_loop():
