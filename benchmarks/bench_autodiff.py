@@ -178,11 +178,16 @@ def measure(shape, name, mode, reference, tasks, repeats):
     row = {"row": name, "shape": shape.name, "dims": shape.describe(), "dtype": shape.dtype, "mode": mode,
            "reference": reference, "status": "ok", "error": None, "time_ms": {}, "ratios": {}}
     with gc_disabled():
-        expected = [t.detach() for t in tasks[reference]()]
-        for contender, task in tasks.items():
-            err, worst = compare([f"result{i}" for i in range(len(expected))], [t.detach() for t in task()], expected)
-            if not err <= TOLERANCE[shape.dtype]:
-                return {**row, "status": "FAILED", "error": f"{contender} {worst} rel err {err:.2e}"}
+        contender = reference
+        try:  # a crashing contender fails its row, not the run
+            expected = [t.detach() for t in tasks[reference]()]
+            for contender, task in tasks.items():
+                actual = [t.detach() for t in task()]
+                err, worst = compare([f"result{i}" for i in range(len(expected))], actual, expected)
+                if not err <= TOLERANCE[shape.dtype]:
+                    return {**row, "status": "FAILED", "error": f"{contender} {worst} rel err {err:.2e}"}
+        except Exception as exc:
+            return {**row, "status": "FAILED", "error": f"{contender} raised {type(exc).__name__}: {exc}"}
         n_calls = {c: calls_per_sample(task) for c, task in tasks.items()}
         samples = {c: [] for c in tasks}
         order = random.Random(0)
