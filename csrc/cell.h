@@ -11,8 +11,10 @@
 #include <ATen/OpMathType.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include <array>
 #include <cmath>
 #include <optional>
+#include <vector>
 
 namespace lstm_ext {
 
@@ -23,6 +25,7 @@ using blas::Matrix;
 // w_hr [P, H] (optional; without it P == H). Gate rows are ordered i, f, g, o as in ATen.
 struct CellParams {
   Tensor w_ih, w_hh, b_ih, b_hh, w_hr;
+  std::vector<Tensor> unit_weights;  // the cell's extra weights, [H] each (see the cell concept)
 
   int64_t hidden_size() const { return w_hh.size(0) / 4; }
   int64_t output_size() const { return w_hr.defined() ? w_hr.size(0) : hidden_size(); }
@@ -229,33 +232,102 @@ inline void for_each_chunk(int64_t begin, int64_t end, const Body& body) {
 
 }  // namespace pointwise
 
-struct LSTMCell {
-  // One step's values for a slice of units: the gate activations, the new cell state, its tanh
-  // and the new hidden state (before any projection).
-  template <typename V>
-  struct Values {
-    V i, f, z, o, cell, tanh_cell, hidden;
-  };
+// ---- the cell concept ----------------------------------------------------------------------------
+//
+// A cell is a struct with
+//   kName         the name the operators and Python know it by (`cell="..."`);
+//   kUnitWeights  how many extra weights of H values each layer-direction has (peepholes: 3);
+//   forward<V>    the step's pointwise math from the gate pre-activations and c_{t-1};
+//   backward<V>   its backward twin: the gradients of the pre-activations, of c_{t-1} and of
+//                 the extra weights, from what the step kept (Saved) and dL/dh_t, dL/dc_t.
+// Both are templates over the value type V: at::vec vectors in the fast passes below, opmath
+// scalars for the reduced floating types, and whole tensors (forward only) in the
+// differentiable recomputation that higher-order and forward-mode autodiff and vmap go through.
+// Everything else (products, threads, layers, workspace, autograd) is the same for every cell.
 
-  // The cell's math, written once for every kind of value: at::vec vectors (the fast pass
-  // below), opmath scalars (the reduced floating types) and whole tensors (the differentiable
-  // recomputation that higher-order and forward-mode autodiff and vmap go through).
+// The four gate blocks, in ATen's order i, f, g, o: pre-activations, or their gradients.
+template <typename V>
+struct Gates {
+  V i, f, g, o;
+};
+
+// One step's values for some units: the gate activations, the new cell state, its tanh and the
+// new hidden state (before any projection).
+template <typename V>
+struct Values {
+  V i, f, z, o, cell, tanh_cell, hidden;
+};
+
+// What a backward step reads for some units: the gate activations, tanh(c_t) and c_{t-1}.
+template <typename V>
+struct Saved {
+  V i, f, z, o, tanh_cell, cell_prev;
+};
+
+// A cell's extra weights of H values each, as values of V for some units.
+template <typename V, int Count>
+using UnitWeights = std::array<V, Count>;
+
+// A backward step's gradients for some units: of the gate pre-activations, of c_{t-1}, and of
+// each extra weight (this step's and these rows' share, summed over all of them by the caller).
+template <typename V, int Count>
+struct StepGradients {
+  Gates<V> pre;
+  V cell_prev;
+  UnitWeights<V, Count> weights;
+};
+
+// The plain LSTM cell, as ATen's: c_t = σ(f)·c_{t-1} + σ(i)·tanh(g), h_t = σ(o)·tanh(c_t).
+struct LSTMCell {
+  static constexpr const char* kName = "lstm";
+  static constexpr int kUnitWeights = 0;
   template <typename V>
-  static Values<V> math(const V& i_pre, const V& f_pre, const V& g_pre, const V& o_pre, const V& cell_prev) {
-    const V i = pointwise::sigmoid(i_pre), f = pointwise::sigmoid(f_pre);
-    const V z = pointwise::tanh(g_pre), o = pointwise::sigmoid(o_pre);
+  using Weights = UnitWeights<V, kUnitWeights>;
+
+  template <typename V>
+  static Values<V> forward(const Gates<V>& pre, const V& cell_prev, const Weights<V>&) {
+    const V i = pointwise::sigmoid(pre.i), f = pointwise::sigmoid(pre.f);
+    const V z = pointwise::tanh(pre.g), o = pointwise::sigmoid(pre.o);
     const V cell = pointwise::fmadd(f, cell_prev, i * z);
     const V tanh_cell = pointwise::tanh(cell);
     return {i, f, z, o, cell, tanh_cell, o * tanh_cell};
   }
 
+  template <typename V>
+  static StepGradients<V, kUnitWeights> backward(const Saved<V>& s, const Weights<V>&, const V& dhidden,
+                                                 const V& dcell) {
+    const V one(1);
+    const V dc_total = pointwise::fmadd(dhidden * s.o, one - s.tanh_cell * s.tanh_cell, dcell);
+    return {{dc_total * s.z * s.i * (one - s.i), dc_total * s.cell_prev * s.f * (one - s.f),
+             dc_total * s.i * (one - s.z * s.z), dhidden * s.tanh_cell * s.o * (one - s.o)},
+            dc_total * s.f,
+            {}};
+  }
+};
+
+// The fast passes of a cell over rows and a slice of units: loads, Cell::forward or
+// Cell::backward, stores; vectorized for float and double, opmath scalars otherwise.
+template <typename Cell>
+struct CellPointwise {
+  static constexpr int K = Cell::kUnitWeights;
+  template <typename scalar_t>
+  using WeightData = std::array<const scalar_t*, K>;
+
+  template <typename scalar_t>
+  static WeightData<scalar_t> weight_data(const CellParams& params) {
+    WeightData<scalar_t> data;
+    for (int k = 0; k < K; ++k) data[k] = params.unit_weights[k].data_ptr<scalar_t>();
+    return data;
+  }
+
   // Forward pointwise for rows [0, rows) and the units of `units`. gates [rows, 4H] holds the
   // pre-activations (x W_ihᵀ + h W_hhᵀ + biases) and is overwritten with the activations, which
-  // the backward reuses. cell [rows, H] is c_{t-1} on entry and c_t on exit. h_t = o·tanh(c_t)
-  // goes to `hidden` and, when its data is not null, to `hidden_copy`.
+  // the backward reuses. cell [rows, H] is c_{t-1} on entry and c_t on exit. h_t goes to
+  // `hidden` and, when its data is not null, to `hidden_copy`. weights: the cell's extra weights.
   template <typename scalar_t>
-  static void forward_pointwise(int64_t rows, int64_t H, UnitSlice units, scalar_t* gates, scalar_t* cell,
-                                Matrix<scalar_t> hidden, Matrix<scalar_t> hidden_copy, StepSaved<scalar_t> saved) {
+  static void forward(int64_t rows, int64_t H, UnitSlice units, scalar_t* gates, scalar_t* cell,
+                      Matrix<scalar_t> hidden, Matrix<scalar_t> hidden_copy, StepSaved<scalar_t> saved,
+                      const WeightData<scalar_t>& weights) {
     for (int64_t r = 0; r < rows; ++r) {
       scalar_t* g = gates + r * 4 * H;
       scalar_t* c = cell + r * H;
@@ -267,8 +339,12 @@ struct LSTMCell {
         using Vec = at::vec::Vectorized<scalar_t>;
         pointwise::for_each_chunk<scalar_t>(units.begin, units.end, [&](int64_t j, int64_t n) {
           const Vec c_prev = Vec::loadu(c + j, n);
-          const Values<Vec> v = math<Vec>(Vec::loadu(g + j, n), Vec::loadu(g + H + j, n),
-                                          Vec::loadu(g + 2 * H + j, n), Vec::loadu(g + 3 * H + j, n), c_prev);
+          typename Cell::template Weights<Vec> w;
+          for (int k = 0; k < K; ++k) w[k] = Vec::loadu(weights[k] + j, n);
+          const Values<Vec> v = Cell::template forward<Vec>(
+              {Vec::loadu(g + j, n), Vec::loadu(g + H + j, n), Vec::loadu(g + 2 * H + j, n),
+               Vec::loadu(g + 3 * H + j, n)},
+              c_prev, w);
           v.i.store(g + j, n);
           v.f.store(g + H + j, n);
           v.z.store(g + 2 * H + j, n);
@@ -285,7 +361,10 @@ struct LSTMCell {
         using opmath_t = at::opmath_type<scalar_t>;
         for (int64_t j = units.begin; j < units.end; ++j) {
           const opmath_t c_prev = c[j];
-          const Values<opmath_t> v = math<opmath_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], c_prev);
+          typename Cell::template Weights<opmath_t> w;
+          for (int k = 0; k < K; ++k) w[k] = weights[k][j];
+          const Values<opmath_t> v =
+              Cell::template forward<opmath_t>({g[j], g[H + j], g[2 * H + j], g[3 * H + j]}, c_prev, w);
           g[j] = v.i;
           g[H + j] = v.f;
           g[2 * H + j] = v.z;
@@ -302,13 +381,14 @@ struct LSTMCell {
     }
   }
 
-  // Backward twin of forward_pointwise. dhidden [rows, ld] is dL/dh_t (before the projection);
-  // dcell [rows, H] is dL/dc_t from later steps on entry and dL/dc_{t-1} on exit. Writes
-  // dL/d(pre-activation gates) into dgates [rows, 4H].
+  // Backward twin of forward. dhidden [rows, ld] is dL/dh_t (before the projection); dcell
+  // [rows, H] is dL/dc_t from later steps on entry and dL/dc_{t-1} on exit. Writes
+  // dL/d(pre-activation gates) into dgates [rows, 4H] and adds the extra weights' gradients of
+  // these rows into grad_weights [K, H] (opmath).
   template <typename scalar_t>
-  static void backward_pointwise(int64_t rows, int64_t H, UnitSlice units, Matrix<const scalar_t> dhidden,
-                                 scalar_t* dcell, const scalar_t* gates, const scalar_t* tanh_cell,
-                                 const scalar_t* cell_prev, scalar_t* dgates) {
+  static void backward(int64_t rows, int64_t H, UnitSlice units, Matrix<const scalar_t> dhidden, scalar_t* dcell,
+                       const scalar_t* gates, const scalar_t* tanh_cell, const scalar_t* cell_prev, scalar_t* dgates,
+                       const WeightData<scalar_t>& weights, at::opmath_type<scalar_t>* grad_weights) {
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* g = gates + r * 4 * H;
       const scalar_t* dh = dhidden.data + r * dhidden.ld;
@@ -316,46 +396,52 @@ struct LSTMCell {
       const scalar_t* cp = cell_prev + r * H;
       scalar_t* dc = dcell + r * H;
       scalar_t* dg = dgates + r * 4 * H;
+      using opmath_t = at::opmath_type<scalar_t>;
       if constexpr (pointwise::kVectorized<scalar_t>) {
         using Vec = at::vec::Vectorized<scalar_t>;
-        const Vec one(1);
         pointwise::for_each_chunk<scalar_t>(units.begin, units.end, [&](int64_t j, int64_t n) {
-          const Vec i = Vec::loadu(g + j, n), f = Vec::loadu(g + H + j, n);
-          const Vec z = Vec::loadu(g + 2 * H + j, n), o = Vec::loadu(g + 3 * H + j, n);
-          const Vec tanh_c = Vec::loadu(tc + j, n), dh_j = Vec::loadu(dh + j, n);
-          const Vec dc_total = at::vec::fmadd(dh_j * o, one - tanh_c * tanh_c, Vec::loadu(dc + j, n));
-          (dc_total * z * i * (one - i)).store(dg + j, n);
-          (dc_total * Vec::loadu(cp + j, n) * f * (one - f)).store(dg + H + j, n);
-          (dc_total * i * (one - z * z)).store(dg + 2 * H + j, n);
-          (dh_j * tanh_c * o * (one - o)).store(dg + 3 * H + j, n);
-          (dc_total * f).store(dc + j, n);
+          typename Cell::template Weights<Vec> w;
+          for (int k = 0; k < K; ++k) w[k] = Vec::loadu(weights[k] + j, n);
+          const Saved<Vec> s{Vec::loadu(g + j, n),     Vec::loadu(g + H + j, n), Vec::loadu(g + 2 * H + j, n),
+                             Vec::loadu(g + 3 * H + j, n), Vec::loadu(tc + j, n),   Vec::loadu(cp + j, n)};
+          const auto d = Cell::template backward<Vec>(s, w, Vec::loadu(dh + j, n), Vec::loadu(dc + j, n));
+          d.pre.i.store(dg + j, n);
+          d.pre.f.store(dg + H + j, n);
+          d.pre.g.store(dg + 2 * H + j, n);
+          d.pre.o.store(dg + 3 * H + j, n);
+          d.cell_prev.store(dc + j, n);
+          for (int k = 0; k < K; ++k) {
+            opmath_t* grad = grad_weights + k * H + j;
+            (Vec::loadu(grad, n) + d.weights[k]).store(grad, n);
+          }
         });
       } else {
-        using opmath_t = at::opmath_type<scalar_t>;
         for (int64_t j = units.begin; j < units.end; ++j) {
-          const opmath_t i = g[j], f = g[H + j], z = g[2 * H + j], o = g[3 * H + j];
-          const opmath_t tanh_c = tc[j], dh_j = dh[j];
-          const opmath_t dc_total = opmath_t(dc[j]) + dh_j * o * (opmath_t(1) - tanh_c * tanh_c);
-          dg[j] = dc_total * z * i * (opmath_t(1) - i);
-          dg[H + j] = dc_total * opmath_t(cp[j]) * f * (opmath_t(1) - f);
-          dg[2 * H + j] = dc_total * i * (opmath_t(1) - z * z);
-          dg[3 * H + j] = dh_j * tanh_c * o * (opmath_t(1) - o);
-          dc[j] = dc_total * f;
+          typename Cell::template Weights<opmath_t> w;
+          for (int k = 0; k < K; ++k) w[k] = weights[k][j];
+          const Saved<opmath_t> s{g[j], g[H + j], g[2 * H + j], g[3 * H + j], tc[j], cp[j]};
+          const auto d = Cell::template backward<opmath_t>(s, w, dh[j], dc[j]);
+          dg[j] = d.pre.i;
+          dg[H + j] = d.pre.f;
+          dg[2 * H + j] = d.pre.g;
+          dg[3 * H + j] = d.pre.o;
+          dc[j] = d.cell_prev;
+          for (int k = 0; k < K; ++k) grad_weights[k * H + j] += d.weights[k];
         }
       }
     }
   }
-
-  // gates[:, gate columns of units] += h · W_hh[rows of units]ᵀ, for h [rows, P]: one product
-  // per gate block. `descending` walks W_hh backwards (blocks and depth; see PackedWeight::multiply).
-  template <typename scalar_t>
-  static void matmul_hh_add(Matrix<const scalar_t> h, const blas::PackedWeight<scalar_t>& w_hh, int64_t H,
-                            UnitSlice units, scalar_t* gates, bool descending) {
-    for (int64_t i = 0; i < 4; ++i) {
-      const int64_t col = (descending ? 3 - i : i) * H + units.begin;
-      w_hh.multiply(h, col, {gates + col, h.rows, units.size(), 4 * H}, /*accumulate=*/true, nullptr, descending);
-    }
-  }
 };
+
+// gates[:, gate columns of units] += h · W_hh[rows of units]ᵀ, for h [rows, P]: one product
+// per gate block. `descending` walks W_hh backwards (blocks and depth; see PackedWeight::multiply).
+template <typename scalar_t>
+void matmul_hh_add(Matrix<const scalar_t> h, const blas::PackedWeight<scalar_t>& w_hh, int64_t H,
+                   UnitSlice units, scalar_t* gates, bool descending) {
+  for (int64_t i = 0; i < 4; ++i) {
+    const int64_t col = (descending ? 3 - i : i) * H + units.begin;
+    w_hh.multiply(h, col, {gates + col, h.rows, units.size(), 4 * H}, /*accumulate=*/true, nullptr, descending);
+  }
+}
 
 }  // namespace lstm_ext

@@ -120,11 +120,14 @@ struct FullLayer {
   // rows_walked(k_begin, k_end), and is left holding the activations. hx [B, P] is the initial
   // hidden state; h [B, P] receives the last step's; c [B, H] holds the cell state on entry and
   // on exit. output [N, P] (row-strided: this direction's columns of the layer output) receives
-  // h_t. h_pre [B, H] is scratch for the hidden state before the projection.
-  template <typename scalar_t>
+  // h_t. h_pre [B, H] is scratch for the hidden state before the projection. recurrent_mask
+  // [B, P] (recurrent dropout's scaled keep-mask, or undefined) multiplies h_{t-1} in the
+  // recurrent product only; the saved h_{t-1} is the masked one, which dW_hh needs.
+  template <typename Cell, typename scalar_t>
   void forward(const CellParams& params, const PackedCell<scalar_t>& weights, int64_t k_begin, int64_t k_end,
                const Tensor& gates, const Tensor& hx, const Tensor& h, const Tensor& c, const Tensor& output,
-               const DirectionSaved* saved, const Tensor& h_pre, TeamMember team) const {
+               const DirectionSaved* saved, const Tensor& h_pre, const Tensor& recurrent_mask,
+               TeamMember team) const {
     const int64_t H = params.hidden_size(), P = params.output_size(), ld = output.stride(0);
     const auto [unit_begin, unit_end] = team.share(H, kShareAlign<scalar_t>);
     const UnitSlice units{unit_begin, unit_end};
@@ -137,10 +140,25 @@ struct FullLayer {
     scalar_t* c_data = c.data_ptr<scalar_t>();
     scalar_t* out = output.data_ptr<scalar_t>();
     scalar_t* h_pre_data = projected ? h_pre.data_ptr<scalar_t>() : nullptr;
+    const auto unit_weights = CellPointwise<Cell>::template weight_data<scalar_t>(params);
+    const scalar_t* mask = recurrent_mask.defined() ? recurrent_mask.data_ptr<scalar_t>() : nullptr;
+    // The masked h_{t-1}, all its columns: every member's gates need all of them.
+    std::vector<scalar_t> masked_hidden(mask ? steps.max_batch() * P : 0);
     for (int64_t k = k_begin; k < k_end; ++k) {
       const int64_t t = step_at(k), rows = steps.batch_sizes[t], row0 = steps.offsets[t];
       scalar_t* g = gate_data + (row0 - gates_row0) * 4 * H;
-      const auto [from_output, from_hx] = hidden_prev<scalar_t>(k, {out, 0, P, ld}, hx_data, P);
+      auto [from_output, from_hx] = hidden_prev<scalar_t>(k, {out, 0, P, ld}, hx_data, P);
+      if (mask) {
+        int64_t row = 0;  // of the step, and of the mask
+        for (const auto& part : {from_output, from_hx}) {
+          for (int64_t r = 0; r < part.rows; ++r, ++row) {
+            scalar_t* masked = masked_hidden.data() + row * P;
+            for (int64_t j = 0; j < P; ++j) masked[j] = part.data[r * part.ld + j] * mask[row * P + j];
+          }
+        }
+        from_output = {masked_hidden.data(), from_output.rows, P, P};
+        from_hx = {masked_hidden.data() + from_output.rows * P, from_hx.rows, P, P};
+      }
       StepSaved<scalar_t> step_saved;
       if (saved) {
         scalar_t* saved_h = saved->hiddens_prev.data_ptr<scalar_t>() + row0 * P;
@@ -154,15 +172,15 @@ struct FullLayer {
                       saved->cells_prev.data_ptr<scalar_t>() + row0 * H};
       }
       const bool descending = walks_w_hh_descending(k);
-      LSTMCell::matmul_hh_add<scalar_t>(from_output, weights.recurrent, H, units, g, descending);
-      LSTMCell::matmul_hh_add<scalar_t>(from_hx, weights.recurrent, H, units, g + from_output.rows * 4 * H, descending);
+      matmul_hh_add<scalar_t>(from_output, weights.recurrent, H, units, g, descending);
+      matmul_hh_add<scalar_t>(from_hx, weights.recurrent, H, units, g + from_output.rows * 4 * H, descending);
       if (!projected) {
-        LSTMCell::forward_pointwise<scalar_t>(rows, H, units, g, c_data, {h_data, rows, P, P},
-                                              {out + row0 * ld, rows, P, ld}, step_saved);
+        CellPointwise<Cell>::forward(rows, H, units, g, c_data, {h_data, rows, P, P},
+                                     {out + row0 * ld, rows, P, ld}, step_saved, unit_weights);
         team.sync();
         continue;
       }
-      LSTMCell::forward_pointwise<scalar_t>(rows, H, units, g, c_data, {h_pre_data, rows, H, H}, {}, step_saved);
+      CellPointwise<Cell>::forward(rows, H, units, g, c_data, {h_pre_data, rows, H, H}, {}, step_saved, unit_weights);
       team.sync();
       const int64_t cols = col_end - col_begin;
       scalar_t* out_step = out + row0 * ld + col_begin;
@@ -178,9 +196,13 @@ struct FullLayer {
   // backward, forward mode, vmap): what those recompute through, since forward and backward
   // above write raw memory. x [N, I] is the layer input (the packed rows), h0 [B, P] and
   // c0 [B, H] the initial state. Returns the output rows [N, P] and the final h and c.
+  template <typename Cell>
   std::tuple<Tensor, Tensor, Tensor> forward_differentiable(const CellParams& params, const Tensor& x,
-                                                           const Tensor& h0, const Tensor& c0) const {
+                                                           const Tensor& h0, const Tensor& c0,
+                                                           const Tensor& recurrent_mask) const {
     const int64_t H = params.hidden_size();
+    typename Cell::template Weights<Tensor> unit_weights;
+    std::copy(params.unit_weights.begin(), params.unit_weights.end(), unit_weights.begin());
     Tensor gates_x = at::linear(x, params.w_ih, params.b_ih.defined() ? params.b_ih + params.b_hh : Tensor());
     const int64_t first_rows = steps.batch_sizes[step_at(0)];
     Tensor h = h0.narrow(0, 0, first_rows), c = c0.narrow(0, 0, first_rows);
@@ -196,9 +218,11 @@ struct FullLayer {
         h = at::cat({h, h0.narrow(0, h.size(0), rows - h.size(0))});
         c = at::cat({c, c0.narrow(0, c.size(0), rows - c.size(0))});
       }
-      const Tensor gates = at::addmm(gates_x.narrow(0, steps.offsets[t], rows), h, params.w_hh.t());
+      const Tensor h_in = recurrent_mask.defined() ? h * recurrent_mask.narrow(0, 0, rows) : h;
+      const Tensor gates = at::addmm(gates_x.narrow(0, steps.offsets[t], rows), h_in, params.w_hh.t());
       const Tensor pre = gates.view({rows, 4, H});
-      const auto v = LSTMCell::math<Tensor>(pre.select(1, 0), pre.select(1, 1), pre.select(1, 2), pre.select(1, 3), c);
+      const Values<Tensor> v = Cell::template forward<Tensor>(
+          {pre.select(1, 0), pre.select(1, 1), pre.select(1, 2), pre.select(1, 3)}, c, unit_weights);
       c = v.cell;
       h = params.has_projection() ? at::matmul(v.hidden, params.w_hr.t()) : v.hidden;
       outputs[t] = h;
@@ -215,11 +239,13 @@ struct FullLayer {
   // grad_output [N, P] (row-strided, or undefined for zeros) is dL/d output. dh [B, P] and
   // dc [B, H] hold the gradients of the final states on entry and of the initial states on exit.
   // Writes dL/d(pre-activation gates) into dgates [N, 4H] and, with a projection, dL/dh_t into
-  // dh_rows [N, P]. dh_pre [B, H] is scratch.
-  template <typename scalar_t>
+  // dh_rows [N, P], and sums the gradients of the cell's extra weights into grad_unit_weights
+  // [K, H] (opmath, zeros on entry). dh_pre [B, H] is scratch. recurrent_mask: the forward's.
+  template <typename Cell, typename scalar_t>
   void backward(const CellParams& params, const PackedCell<scalar_t>& weights, const DirectionSaved& saved,
                 const Tensor& grad_output, const Tensor& dh, const Tensor& dc, const Tensor& dgates,
-                const Tensor& dh_rows, const Tensor& dh_pre, TeamMember team) const {
+                const Tensor& dh_rows, const Tensor& dh_pre, const Tensor& grad_unit_weights,
+                const Tensor& recurrent_mask, TeamMember team) const {
     const int64_t H = params.hidden_size(), P = params.output_size();
     const auto [unit_begin, unit_end] = team.share(H, kShareAlign<scalar_t>);
     const UnitSlice units{unit_begin, unit_end};
@@ -236,6 +262,10 @@ struct FullLayer {
     scalar_t* dgate_data = dgates.data_ptr<scalar_t>();
     scalar_t* dh_rows_data = projected ? dh_rows.data_ptr<scalar_t>() : nullptr;
     scalar_t* dh_pre_data = projected ? dh_pre.data_ptr<scalar_t>() : nullptr;
+    const auto unit_weights = CellPointwise<Cell>::template weight_data<scalar_t>(params);
+    using opmath_t = at::opmath_type<scalar_t>;
+    opmath_t* grad_unit_weight_data = grad_unit_weights.defined() ? grad_unit_weights.data_ptr<opmath_t>() : nullptr;
+    const scalar_t* mask = recurrent_mask.defined() ? recurrent_mask.data_ptr<scalar_t>() : nullptr;
     for (int64_t k = steps.count() - 1; k >= 0; --k) {
       const int64_t t = step_at(k), rows = steps.batch_sizes[t], row0 = steps.offsets[t];
       // dL/dh_t = (from later steps) + (from the layer output); this member owns columns [col_begin, col_end).
@@ -254,12 +284,15 @@ struct FullLayer {
         dhidden = {dh_pre_data, rows, H, H};
       }
       scalar_t* dg = dgate_data + row0 * 4 * H;
-      LSTMCell::backward_pointwise<scalar_t>(rows, H, units, dhidden, dc_data, gates + row0 * 4 * H,
-                                             tanh_cells + row0 * H, cells_prev + row0 * H, dg);
+      CellPointwise<Cell>::backward(rows, H, units, dhidden, dc_data, gates + row0 * 4 * H, tanh_cells + row0 * H,
+                                    cells_prev + row0 * H, dg, unit_weights, grad_unit_weight_data);
       team.sync();
       // dL/dh_{t-1} = dgates · W_hh, this member's columns, alternating the walk over W_hh.
       weights.recurrent.multiply({dg, rows, 4 * H, 4 * H}, col_begin, {dh_data + col_begin, rows, cols, P}, false,
                                  nullptr, walks_w_hh_descending(k));
+      for (int64_t r = 0; r < rows && mask; ++r) {
+        for (int64_t j = col_begin; j < col_end; ++j) dh_data[r * P + j] *= mask[r * P + j];
+      }
     }
   }
 };

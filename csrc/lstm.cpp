@@ -3,6 +3,7 @@
 // Mirrors apply_layer_stack / _lstm_impl in aten/src/ATen/native/RNN.cpp. A layer runs one
 // FullLayer per direction (the reverse one walks the steps backwards, which is all ATen's
 // FullBidirectionalLayer and ReversedPackedLayer add) and writes both into one [N, D*P] output.
+#include "cells.h"
 #include "layer.h"
 
 #include <ATen/Dispatch.h>
@@ -29,8 +30,11 @@ int64_t params_per_cell(bool has_biases, bool has_projections) {
   return 2 + (has_biases ? 2 : 0) + (has_projections ? 1 : 0);
 }
 
-// Splits the flat weight list (nn.LSTM's _flat_weights order) into one CellParams per layer-direction.
-std::vector<CellParams> gather_params(TensorList params, bool has_biases, int64_t cells) {
+// Splits the flat weight list (nn.LSTM's _flat_weights order) into one CellParams per layer-direction,
+// and the cell's extra weights (`unit_weights` per layer-direction, in the same order) among them.
+std::vector<CellParams> gather_params(TensorList params, bool has_biases, int64_t cells,
+                                      std::optional<TensorList> given_cell_params, int64_t unit_weights) {
+  const TensorList cell_params = given_cell_params.value_or(TensorList());
   const bool has_projections = params.size() == static_cast<size_t>(cells * params_per_cell(has_biases, true));
   TORCH_CHECK(has_projections || params.size() == static_cast<size_t>(cells * params_per_cell(has_biases, false)),
               "lstm_ext: got an incorrect number of RNN parameters: expected ",
@@ -47,6 +51,9 @@ std::vector<CellParams> gather_params(TensorList params, bool has_biases, int64_
     TORCH_CHECK(params[k].dim() == (is_weight ? 2 : 1), "lstm_ext: expected ", name, " of layer-direction ",
                 k / per_cell, " to be ", is_weight ? 2 : 1, "-D, got ", params[k].dim(), "-D");
   }
+  TORCH_CHECK(cell_params.size() == static_cast<size_t>(cells * unit_weights), "lstm_ext: expected ",
+              cells * unit_weights, " cell parameters (", unit_weights, " for each of ", cells,
+              " layer-directions), got ", cell_params.size());
   std::vector<CellParams> result;
   result.reserve(cells);
   for (int64_t i = 0; i < cells; ++i) {
@@ -57,6 +64,9 @@ std::vector<CellParams> gather_params(TensorList params, bool has_biases, int64_
       cell.b_hh = p[3];
     }
     if (has_projections) cell.w_hr = p[per_cell - 1].contiguous();
+    for (int64_t k = 0; k < unit_weights; ++k) {
+      cell.unit_weights.push_back(cell_params[i * unit_weights + k].contiguous());
+    }
     result.push_back(std::move(cell));
   }
   return result;
@@ -140,6 +150,7 @@ StackShape check_forward_args(const Tensor& input, const Steps& steps, const Ten
       check(cell.b_hh, {4 * H}, "bias_hh");
     }
     if (cell.w_hr.defined()) check(cell.w_hr, {P, H}, "weight_hr");
+    for (const Tensor& w : cell.unit_weights) check(w, {H}, "cell parameter");
   }
   check_same_device_and_dtype(input, hx, "hx");
   check_same_device_and_dtype(input, cx, "cx");
@@ -152,14 +163,16 @@ StackShape check_forward_args(const Tensor& input, const Steps& steps, const Ten
 // Everything the backward needs, as a fixed list of tensors so that the operator schema (and
 // its fake implementation) does not depend on the configuration. Index c = layer * D + direction.
 struct Workspace {
-  Tensor gates;          // [L*D, N, 4H]
-  Tensor tanh_cells;     // [L*D, N, H]
-  Tensor cells_prev;     // [L*D, N, H]
-  Tensor hiddens_prev;   // [L*D, N, P]
-  Tensor layer_inputs;   // [L-1, N, D*P] inputs of layers 1.., after dropout
-  Tensor dropout_masks;  // [L-1, N, D*P] scaled keep-masks, or [0] without dropout
+  Tensor gates;            // [L*D, N, 4H]
+  Tensor tanh_cells;       // [L*D, N, H]
+  Tensor cells_prev;       // [L*D, N, H]
+  Tensor hiddens_prev;     // [L*D, N, P] (h_{t-1} masked by recurrent dropout, as the product saw it)
+  Tensor layer_inputs;     // [L-1, N, D*P] inputs of layers 1.., after dropout
+  Tensor dropout_masks;    // [L-1, N, D*P] scaled keep-masks, or [0] without dropout
+  Tensor recurrent_masks;  // [L*D, B, P] recurrent dropout's scaled keep-masks, or [0] without
 
-  static Workspace allocate(const StackShape& s, int64_t rows, bool with_dropout, const at::TensorOptions& opts) {
+  static Workspace allocate(const StackShape& s, int64_t rows, int64_t batch, bool with_dropout,
+                            bool with_recurrent_dropout, const at::TensorOptions& opts) {
     const int64_t cells = s.num_layers * s.num_directions, H = s.hidden_size, P = s.output_size;
     const int64_t between = s.num_layers - 1, width = s.num_directions * P;
     return {at::empty({cells, rows, 4 * H}, opts),
@@ -167,16 +180,18 @@ struct Workspace {
             at::empty({cells, rows, H}, opts),
             at::empty({cells, rows, P}, opts),
             at::empty({between, rows, width}, opts),
-            with_dropout ? at::empty({between, rows, width}, opts) : at::empty({0}, opts)};
+            with_dropout ? at::empty({between, rows, width}, opts) : at::empty({0}, opts),
+            with_recurrent_dropout ? at::empty({cells, batch, P}, opts) : at::empty({0}, opts)};
   }
   static Workspace from_list(TensorList list) {
-    TORCH_CHECK(list.size() == 6, "lstm_ext: the workspace is empty: the forward ran without saving for backward");
-    return {list[0], list[1], list[2], list[3], list[4], list[5]};
+    TORCH_CHECK(list.size() == 7, "lstm_ext: the workspace is empty: the forward ran without saving for backward");
+    return {list[0], list[1], list[2], list[3], list[4], list[5], list[6]};
   }
   std::vector<Tensor> to_list() const {
-    return {gates, tanh_cells, cells_prev, hiddens_prev, layer_inputs, dropout_masks};
+    return {gates, tanh_cells, cells_prev, hiddens_prev, layer_inputs, dropout_masks, recurrent_masks};
   }
   bool has_dropout() const { return dropout_masks.numel() > 0; }
+  Tensor recurrent_mask(int64_t cell) const { return recurrent_masks.numel() > 0 ? recurrent_masks[cell] : Tensor(); }
   DirectionSaved direction(int64_t cell) const {
     return {gates[cell], tanh_cells[cell], cells_prev[cell], hiddens_prev[cell]};
   }
@@ -212,20 +227,26 @@ int64_t inference_chunk_steps(const Steps& steps, int64_t num_directions, int64_
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
     const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
     TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
-    bool need_workspace) {
+    bool need_workspace, c10::string_view cell, std::optional<TensorList> cell_params, double recurrent_dropout) {
   TORCH_CHECK(num_layers > 0, "lstm_ext: num_layers must be positive, got ", num_layers);
   const int64_t D = bidirectional ? 2 : 1;
-  const std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D);
+  const std::vector<CellParams> cells =
+      gather_params(params, has_biases, num_layers * D, cell_params, unit_weight_count(cell));
   check_input(input, batch_sizes.has_value());
   const Steps steps = make_steps(input, batch_sizes);
   const StackShape s = check_forward_args(input, steps, hx, cx, cells, num_layers, bidirectional, dropout);
   const int64_t N = steps.rows(), H = s.hidden_size, P = s.output_size;
   const at::TensorOptions opts = input.options().memory_format(at::MemoryFormat::Contiguous);
   const bool apply_dropout = dropout > 0 && train && num_layers > 1;
+  TORCH_CHECK(recurrent_dropout >= 0 && recurrent_dropout <= 1,
+              "recurrent_dropout probability has to be between 0 and 1, but got ", recurrent_dropout);
+  const bool apply_recurrent_dropout = recurrent_dropout > 0 && train;
 
   const Tensor h0 = hx.contiguous(), c0 = cx.contiguous();
   Tensor hy = h0.clone(), cy = c0.clone();
-  Workspace ws = need_workspace ? Workspace::allocate(s, N, apply_dropout, opts) : Workspace{};
+  const int64_t B = steps.max_batch();
+  Workspace ws =
+      need_workspace ? Workspace::allocate(s, N, B, apply_dropout, apply_recurrent_dropout, opts) : Workspace{};
   // Inference projects the input a chunk of steps at a time into one buffer per direction, reused
   // across chunks and layers (see kInferenceChunkBytes).
   const int64_t chunk_steps =
@@ -240,42 +261,51 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   Tensor layer_input = input.reshape({N, s.input_size}).contiguous();
   Tensor layer_output;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::forward", [&] {
-    const int threads = layer_threads<scalar_t>(steps, D, H, P);
-    for (int64_t l = 0; l < num_layers; ++l) {
-      const bool last = l == num_layers - 1;
-      layer_output = need_workspace && !last ? ws.layer_inputs[l] : at::empty({N, D * P}, opts);
-      // Tensor views are made here: the threads below touch raw memory only.
-      std::vector<Tensor> gates, outputs, h0s, hys, cys, h_pres;
-      std::vector<DirectionSaved> saved;
-      std::vector<PackedCell<scalar_t>> weights;
-      for (int64_t d = 0; d < D; ++d) {
-        const int64_t c = l * D + d;
-        weights.push_back(PackedCell<scalar_t>::for_forward(cells[c]));
-        gates.push_back(need_workspace ? ws.gates[c] : scratch_gates[d]);
-        outputs.push_back(layer_output.narrow(1, d * P, P));
-        h0s.push_back(h0[c]);
-        hys.push_back(hy[c]);
-        cys.push_back(cy[c]);
-        h_pres.push_back(h_pre.defined() ? h_pre[d] : Tensor());
-        saved.push_back(need_workspace ? ws.direction(c) : DirectionSaved{});
-      }
-      for (int64_t k0 = 0; k0 < steps.count(); k0 += chunk_steps) {
-        const int64_t k1 = std::min(k0 + chunk_steps, steps.count());
+    with_cell(cell, [&]<typename Cell>() {
+      const int threads = layer_threads<scalar_t>(steps, D, H, P);
+      for (int64_t l = 0; l < num_layers; ++l) {
+        const bool last = l == num_layers - 1;
+        layer_output = need_workspace && !last ? ws.layer_inputs[l] : at::empty({N, D * P}, opts);
+        // Tensor views are made here: the threads below touch raw memory only.
+        std::vector<Tensor> gates, outputs, h0s, hys, cys, h_pres, recurrent_masks;
+        std::vector<DirectionSaved> saved;
+        std::vector<PackedCell<scalar_t>> weights;
         for (int64_t d = 0; d < D; ++d) {
-          const auto [row_begin, row_end] = FullLayer{steps, d == 1}.rows_walked(k0, k1);
-          weights[d].project_input(layer_input, row_begin, row_end, gates[d]);
+          const int64_t c = l * D + d;
+          weights.push_back(PackedCell<scalar_t>::for_forward(cells[c]));
+          gates.push_back(need_workspace ? ws.gates[c] : scratch_gates[d]);
+          outputs.push_back(layer_output.narrow(1, d * P, P));
+          h0s.push_back(h0[c]);
+          hys.push_back(hy[c]);
+          cys.push_back(cy[c]);
+          h_pres.push_back(h_pre.defined() ? h_pre[d] : Tensor());
+          saved.push_back(need_workspace ? ws.direction(c) : DirectionSaved{});
+          // Recurrent dropout's mask [B, P], drawn as dropout's, per layer-direction as its layer starts.
+          Tensor recurrent_mask;
+          if (apply_recurrent_dropout) {
+            recurrent_mask = need_workspace ? ws.recurrent_masks[c] : at::empty({B, P}, opts);
+            draw_dropout_mask(recurrent_mask, recurrent_dropout);
+          }
+          recurrent_masks.push_back(recurrent_mask);
         }
-        for_each_direction(D, threads, [&](int d, TeamMember member) {
-          FullLayer{steps, d == 1}.forward<scalar_t>(cells[l * D + d], weights[d], k0, k1, gates[d], h0s[d],
-                                                     hys[d], cys[d], outputs[d], need_workspace ? &saved[d] : nullptr,
-                                                     h_pres[d], member);
-        });
+        for (int64_t k0 = 0; k0 < steps.count(); k0 += chunk_steps) {
+          const int64_t k1 = std::min(k0 + chunk_steps, steps.count());
+          for (int64_t d = 0; d < D; ++d) {
+            const auto [row_begin, row_end] = FullLayer{steps, d == 1}.rows_walked(k0, k1);
+            weights[d].project_input(layer_input, row_begin, row_end, gates[d]);
+          }
+          for_each_direction(D, threads, [&](int d, TeamMember member) {
+            FullLayer{steps, d == 1}.forward<Cell, scalar_t>(cells[l * D + d], weights[d], k0, k1, gates[d], h0s[d],
+                                                       hys[d], cys[d], outputs[d], need_workspace ? &saved[d] : nullptr,
+                                                       h_pres[d], recurrent_masks[d], member);
+          });
+        }
+        if (apply_dropout && !last) {
+          layer_output.mul_(draw_dropout_mask(need_workspace ? ws.dropout_masks[l] : at::empty_like(layer_output), dropout));
+        }
+        layer_input = layer_output;
       }
-      if (apply_dropout && !last) {
-        layer_output.mul_(draw_dropout_mask(need_workspace ? ws.dropout_masks[l] : at::empty_like(layer_output), dropout));
-      }
-      layer_input = layer_output;
-    }
+    });
   });
   Tensor output = s.dense ? layer_output.view({input.size(0), input.size(1), D * P}) : layer_output;
   return {output, hy, cy, need_workspace ? ws.to_list() : std::vector<Tensor>{}};
@@ -291,16 +321,18 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
     const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
     TensorList params, TensorList workspace, const std::optional<Tensor>& grad_output,
     const std::optional<Tensor>& grad_hy, const std::optional<Tensor>& grad_cy, bool has_biases, int64_t num_layers,
-    bool bidirectional) {
+    bool bidirectional, c10::string_view cell, std::optional<TensorList> cell_params) {
   const int64_t D = bidirectional ? 2 : 1;
-  const std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D);
+  const int64_t unit_weights = unit_weight_count(cell);
+  const std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D, cell_params, unit_weights);
   const Workspace ws = Workspace::from_list(workspace);
   const Steps steps = make_steps(input, batch_sizes);
   const int64_t N = steps.rows(), H = cells.front().hidden_size(), P = cells.front().output_size();
   const int64_t per_cell = params.size() / cells.size();
 
   Tensor grad_hx = grad_or_zeros(grad_hy, hx), grad_cx = grad_or_zeros(grad_cy, cx);
-  std::vector<Tensor> grad_params(params.size());
+  // The gradients of params, then of cell_params.
+  std::vector<Tensor> grad_params(params.size() + cells.size() * unit_weights);
   Tensor grad_layer_output;  // dL/d(output of the current layer), [N, D*P]; undefined means zeros
   if (grad_output.has_value() && grad_output->defined()) {
     grad_layer_output = grad_output->reshape({N, D * P}).contiguous();
@@ -311,51 +343,61 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
   const Tensor all_dh_rows = cells.front().has_projection() ? at::empty({D, N, P}, hx.options()) : Tensor();
   Tensor grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::backward", [&] {
-    const int threads = layer_threads<scalar_t>(steps, D, H, P);
-    for (int64_t l = num_layers - 1; l >= 0; --l) {
-      const Tensor layer_input = l == 0 ? input.reshape({N, input.size(-1)}).contiguous() : ws.layer_inputs[l - 1];
-      std::vector<Tensor> dgates, dh_rows, grad_outs, dhs, dcs, dh_pres;
-      std::vector<DirectionSaved> saved;
-      std::vector<PackedCell<scalar_t>> weights;
-      for (int64_t d = 0; d < D; ++d) {
-        const int64_t c = l * D + d;
-        weights.push_back(PackedCell<scalar_t>::for_backward(cells[c]));
-        dgates.push_back(all_dgates[d]);
-        dh_rows.push_back(all_dh_rows.defined() ? all_dh_rows[d] : Tensor());
-        grad_outs.push_back(grad_layer_output.defined() ? grad_layer_output.narrow(1, d * P, P) : Tensor());
-        dhs.push_back(grad_hx[c]);
-        dcs.push_back(grad_cx[c]);
-        dh_pres.push_back(dh_pre.defined() ? dh_pre[d] : Tensor());
-        saved.push_back(ws.direction(c));
-      }
-      for_each_direction(D, threads, [&](int d, TeamMember member) {
-        FullLayer{steps, d == 1}.backward<scalar_t>(cells[l * D + d], weights[d], saved[d], grad_outs[d], dhs[d],
-                                                    dcs[d], dgates[d], dh_rows[d], dh_pres[d], member);
-      });
-      // Weight gradients as a few GEMMs over all steps at once.
-      Tensor grad_layer_input = at::empty({N, layer_input.size(1)}, hx.options());
-      for (int64_t d = 0; d < D; ++d) {
-        const int64_t c = l * D + d;
-        const CellParams& cell = cells[c];
-        Tensor* grads = grad_params.data() + c * per_cell;
-        grads[0] = at::empty_like(cell.w_ih, at::MemoryFormat::Contiguous);
-        grads[1] = at::empty_like(cell.w_hh, at::MemoryFormat::Contiguous);
-        PackedCell<scalar_t>::weight_gradients(dgates[d], layer_input, saved[d].hiddens_prev, grads[0], grads[1]);
-        if (cell.b_ih.defined()) {
-          grads[2] = dgates[d].sum(0);
-          grads[3] = grads[2].clone();
+    with_cell(cell, [&]<typename Cell>() {
+      const int threads = layer_threads<scalar_t>(steps, D, H, P);
+      for (int64_t l = num_layers - 1; l >= 0; --l) {
+        const Tensor layer_input = l == 0 ? input.reshape({N, input.size(-1)}).contiguous() : ws.layer_inputs[l - 1];
+        std::vector<Tensor> dgates, dh_rows, grad_outs, dhs, dcs, dh_pres, grad_unit_weights, recurrent_masks;
+        std::vector<DirectionSaved> saved;
+        std::vector<PackedCell<scalar_t>> weights;
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t c = l * D + d;
+          weights.push_back(PackedCell<scalar_t>::for_backward(cells[c]));
+          dgates.push_back(all_dgates[d]);
+          dh_rows.push_back(all_dh_rows.defined() ? all_dh_rows[d] : Tensor());
+          grad_outs.push_back(grad_layer_output.defined() ? grad_layer_output.narrow(1, d * P, P) : Tensor());
+          dhs.push_back(grad_hx[c]);
+          dcs.push_back(grad_cx[c]);
+          dh_pres.push_back(dh_pre.defined() ? dh_pre[d] : Tensor());
+          saved.push_back(ws.direction(c));
+          recurrent_masks.push_back(ws.recurrent_mask(c));
+          grad_unit_weights.push_back(
+              unit_weights > 0 ? at::zeros({unit_weights, H}, hx.options().dtype(at::toOpMathType(hx.scalar_type())))
+                               : Tensor());
         }
-        if (cell.has_projection()) {
-          const Tensor hidden_pre = saved[d].gates.narrow(1, 3 * H, H) * saved[d].tanh_cells;
-          grads[per_cell - 1] = at::empty_like(cell.w_hr, at::MemoryFormat::Contiguous);
-          PackedCell<scalar_t>::projection_gradient(dh_rows[d], hidden_pre, grads[per_cell - 1]);
+        for_each_direction(D, threads, [&](int d, TeamMember member) {
+          FullLayer{steps, d == 1}.backward<Cell, scalar_t>(cells[l * D + d], weights[d], saved[d], grad_outs[d],
+                                                            dhs[d], dcs[d], dgates[d], dh_rows[d], dh_pres[d],
+                                                            grad_unit_weights[d], recurrent_masks[d], member);
+        });
+        // Weight gradients as a few GEMMs over all steps at once.
+        Tensor grad_layer_input = at::empty({N, layer_input.size(1)}, hx.options());
+        for (int64_t d = 0; d < D; ++d) {
+          const int64_t c = l * D + d;
+          const CellParams& cell = cells[c];
+          Tensor* grads = grad_params.data() + c * per_cell;
+          grads[0] = at::empty_like(cell.w_ih, at::MemoryFormat::Contiguous);
+          grads[1] = at::empty_like(cell.w_hh, at::MemoryFormat::Contiguous);
+          PackedCell<scalar_t>::weight_gradients(dgates[d], layer_input, saved[d].hiddens_prev, grads[0], grads[1]);
+          if (cell.b_ih.defined()) {
+            grads[2] = dgates[d].sum(0);
+            grads[3] = grads[2].clone();
+          }
+          if (cell.has_projection()) {
+            const Tensor hidden_pre = saved[d].gates.narrow(1, 3 * H, H) * saved[d].tanh_cells;
+            grads[per_cell - 1] = at::empty_like(cell.w_hr, at::MemoryFormat::Contiguous);
+            PackedCell<scalar_t>::projection_gradient(dh_rows[d], hidden_pre, grads[per_cell - 1]);
+          }
+          for (int64_t k = 0; k < unit_weights; ++k) {
+            grad_params[params.size() + c * unit_weights + k] = grad_unit_weights[d][k].to(hx.scalar_type());
+          }
+          weights[d].input_gradient(dgates[d], grad_layer_input, /*accumulate=*/d > 0);
         }
-        weights[d].input_gradient(dgates[d], grad_layer_input, /*accumulate=*/d > 0);
+        if (l > 0 && ws.has_dropout()) grad_layer_input.mul_(ws.dropout_masks[l - 1]);
+        grad_layer_output = grad_layer_input;
       }
-      if (l > 0 && ws.has_dropout()) grad_layer_input.mul_(ws.dropout_masks[l - 1]);
-      grad_layer_output = grad_layer_input;
-    }
-    grad_input = grad_layer_output.view(input.sizes());
+      grad_input = grad_layer_output.view(input.sizes());
+    });
   });
   return {grad_input, grad_hx, grad_cx, grad_params};
 }
@@ -371,22 +413,37 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
 std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
     const Tensor& input, at::OptionalIntArrayRef batch_sizes, const Tensor& hx, const Tensor& cx,
     TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
-    const std::optional<Tensor>& dropout_masks) {
+    const std::optional<Tensor>& dropout_masks, c10::string_view cell, std::optional<TensorList> cell_params,
+    double recurrent_dropout, const std::optional<Tensor>& recurrent_masks) {
   TORCH_CHECK(num_layers > 0, "lstm_ext: num_layers must be positive, got ", num_layers);
   const int64_t D = bidirectional ? 2 : 1;
-  const std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D);
+  const std::vector<CellParams> cells =
+      gather_params(params, has_biases, num_layers * D, cell_params, unit_weight_count(cell));
   check_input(input, batch_sizes.has_value());
   const Steps steps = batch_sizes.has_value() ? packed_steps(input, batch_sizes->vec()) : make_steps(input, {});
   const StackShape s = check_forward_args(input, steps, hx, cx, cells, num_layers, bidirectional, dropout);
   const bool replay = dropout_masks.has_value() && dropout_masks->numel() > 0;
   const bool apply_dropout = replay || (dropout > 0 && train && num_layers > 1);
+  const bool replay_recurrent = recurrent_masks.has_value() && recurrent_masks->numel() > 0;
+  const bool apply_recurrent_dropout = replay_recurrent || (recurrent_dropout > 0 && train);
   Tensor layer_input = input.reshape({steps.rows(), s.input_size});
   std::vector<Tensor> hy, cy;
   for (int64_t l = 0; l < num_layers; ++l) {
     std::vector<Tensor> outputs;
     for (int64_t d = 0; d < D; ++d) {
       const int64_t c = l * D + d;
-      auto [output, h, c_last] = FullLayer{steps, d == 1}.forward_differentiable(cells[c], layer_input, hx[c], cx[c]);
+      Tensor recurrent_mask;
+      if (apply_recurrent_dropout) {
+        recurrent_mask = replay_recurrent ? (*recurrent_masks)[c]
+                                          : draw_dropout_mask(at::empty({steps.max_batch(), s.output_size},
+                                                                        input.options()), recurrent_dropout);
+      }
+      std::tuple<Tensor, Tensor, Tensor> result;
+      with_cell(cell, [&]<typename Cell>() {
+        result = FullLayer{steps, d == 1}.forward_differentiable<Cell>(cells[c], layer_input, hx[c], cx[c],
+                                                                       recurrent_mask);
+      });
+      auto [output, h, c_last] = std::move(result);
       outputs.push_back(std::move(output));
       hy.push_back(std::move(h));
       cy.push_back(std::move(c_last));
@@ -405,15 +462,18 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
 TORCH_LIBRARY(lstm_ext, m) {
   m.def(
       "forward(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, bool has_biases, "
-      "int num_layers, float dropout, bool train, bool bidirectional, bool need_workspace) "
+      "int num_layers, float dropout, bool train, bool bidirectional, bool need_workspace, str cell=\"lstm\", "
+      "Tensor[]? cell_params=None, float recurrent_dropout=0.) "
       "-> (Tensor output, Tensor hy, Tensor cy, Tensor[] workspace)");
   m.def(
       "backward(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, Tensor[] workspace, "
-      "Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, bool has_biases, int num_layers, bool bidirectional) "
+      "Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, bool has_biases, int num_layers, bool bidirectional, "
+      "str cell=\"lstm\", Tensor[]? cell_params=None) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_params)");
   m.def(
       "forward_differentiable(Tensor input, int[]? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, "
-      "bool has_biases, int num_layers, float dropout, bool train, bool bidirectional, Tensor? dropout_masks) "
+      "bool has_biases, int num_layers, float dropout, bool train, bool bidirectional, Tensor? dropout_masks, "
+      "str cell=\"lstm\", Tensor[]? cell_params=None, float recurrent_dropout=0., Tensor? recurrent_masks=None) "
       "-> (Tensor output, Tensor hy, Tensor cy)");
 }
 

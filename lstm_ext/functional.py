@@ -12,6 +12,8 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
+from . import cells
+
 _ops = torch.ops.lstm_ext
 
 
@@ -21,6 +23,15 @@ def lstm(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
     Dense: ``lstm(input, hx, params, has_biases, num_layers, dropout, train, bidirectional, batch_first)``.
     Packed: ``lstm(data, batch_sizes, hx, params, has_biases, num_layers, dropout, train, bidirectional)``.
     Returns ``(output, h_n, c_n)``.
+
+    Keyword-only, the variants (see lstm_ext.LSTM): ``cell`` names a cell (see
+    :mod:`lstm_ext.cells`) and ``cell_params`` gives its extra parameters, layer-direction by
+    layer-direction; ``recurrent_dropout`` and ``weight_drop`` are probabilities, applied when
+    ``train``. ``params`` may also be a module's :class:`CellWeights`, which carries them all.
+
+    Random draws, from torch's default generator, in this order: weight drop's masks of W_hh
+    (one per layer-direction, in nn.LSTM's order), then per layer recurrent dropout's masks
+    (one per direction) as the layer starts and dropout's mask after it.
     """
     packed = "batch_sizes" in kwargs or (len(args) > 1 and isinstance(args[1], Tensor))
     return (lstm_packed if packed else lstm_dense)(*args, **kwargs)
@@ -36,14 +47,17 @@ def lstm_dense(
     train: bool,
     bidirectional: bool,
     batch_first: bool,
+    **variant,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``torch._VF.lstm`` on a padded ``[T, B, I]`` (or ``[B, T, I]``) input."""
     h0, c0 = _unpack_hidden(hx)
+    params, cell_args = _variant_args(params, train, num_layers, bidirectional, **variant)
     if batch_first:
         if input.dim() != 3:
             raise RuntimeError(f"lstm_ext: expected 3-D [B, T, I] input with batch_first=True, got {input.dim()}-D")
         input = input.transpose(0, 1)
-    output, hy, cy = _forward(input, None, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional)
+    options = (has_biases, num_layers, dropout, train, bidirectional)
+    output, hy, cy = _forward(input, None, h0, c0, params, *options, cell_args)
     if batch_first:
         output = output.transpose(0, 1)
     return output, hy, cy
@@ -59,10 +73,46 @@ def lstm_packed(
     dropout: float,
     train: bool,
     bidirectional: bool,
+    **variant,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``torch._VF.lstm`` on packed data ``[N, I]`` with ``batch_sizes`` (as in ``PackedSequence``)."""
     h0, c0 = _unpack_hidden(hx)
-    return _forward(data, batch_sizes, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional)
+    params, cell_args = _variant_args(params, train, num_layers, bidirectional, **variant)
+    return _forward(data, batch_sizes, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, cell_args)
+
+
+class CellWeights(list):
+    """A module's flat weight list (``_flat_weights``) with a cell variant's parameters after each
+    layer-direction's native ones, and the variant's options: how lstm_ext.LSTM hands them to
+    :func:`lstm` through nn.LSTM's own forward code."""
+
+    def __init__(self, weights, cell: str = "lstm", recurrent_dropout: float = 0.0, weight_drop: float = 0.0):
+        super().__init__(weights)
+        self.cell, self.recurrent_dropout, self.weight_drop = cell, recurrent_dropout, weight_drop
+
+
+def _variant_args(
+    params, train, num_layers, bidirectional, cell="lstm", cell_params=(), recurrent_dropout=0.0, weight_drop=0.0
+):
+    """(nn.LSTM's params, weight-dropped in training; the operators' trailing arguments
+    (cell, cell_params, recurrent_dropout): none for the plain LSTM)."""
+    layer_directions = num_layers * (2 if bidirectional else 1)
+    if isinstance(params, CellWeights):
+        cell, recurrent_dropout, weight_drop = params.cell, params.recurrent_dropout, params.weight_drop
+        per_cell, extra = len(params) // layer_directions, cells.parameter_count(params.cell)
+        chunks = [params[i : i + per_cell] for i in range(0, len(params), per_cell)]
+        params = [p for chunk in chunks for p in chunk[: per_cell - extra]]
+        cell_params = [p for chunk in chunks for p in chunk[per_cell - extra :]]
+    if weight_drop > 0 and train:
+        params = list(params)
+        per_cell = len(params) // layer_directions
+        for index in range(1, len(params), per_cell):  # W_hh, the second weight of each layer-direction
+            w_hh = params[index]
+            mask = torch.zeros_like(w_hh) if weight_drop == 1 else torch.empty_like(w_hh).bernoulli_(1 - weight_drop)
+            params[index] = w_hh * (mask if weight_drop == 1 else mask / (1 - weight_drop))
+    if cell == "lstm" and not cell_params and not (recurrent_dropout > 0 and train):
+        return params, ()
+    return params, (cell, list(cell_params), float(recurrent_dropout))
 
 
 def lstm_cell(
@@ -110,11 +160,14 @@ def _check_cell_args(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: 
             raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, expected {size}")
 
 
-def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional):
+def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, cell_args=()):
+    """cell_args: () for the plain LSTM, else (cell, cell_params, recurrent_dropout), the trailing
+    arguments of the forward operators (of the backward: the first two)."""
     params = list(params)
+    cell_params = cell_args[1] if cell_args else []
     if input.device.type not in ("cpu", "meta"):
         raise NotImplementedError(f"lstm_ext runs on CPU only, got input on {input.device}; use torch.nn.LSTM there")
-    for tensor in (input, hx, cx, *params):
+    for tensor in (input, hx, cx, *params, *cell_params):
         # One meta tensor among CPU ones would send the call to the shape-only implementation.
         if tensor.device != input.device:
             raise RuntimeError(
@@ -126,23 +179,30 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
     if batch_sizes is not None and batch_sizes.device.type != "cpu":
         raise RuntimeError(f"lstm_ext: batch_sizes must be a CPU tensor, got one on {batch_sizes.device}")
     options = (has_biases, num_layers, float(dropout), train, bidirectional)
-    transform = _transform_of(input, hx, cx, *params)
+    transform = _transform_of(input, hx, cx, *params, *cell_params)
     if transform == "differentiable":
-        return _ops.forward_differentiable(input, _as_list(batch_sizes), hx, cx, params, *options, None)
+        args = (input, _as_list(batch_sizes), hx, cx, params, *options, None, *cell_args)
+        return _ops.forward_differentiable(*args)
     if transform == "vmap":
         # Through the dispatcher, to the batching rule registered below.
-        need_workspace = torch.is_grad_enabled() and any(map(_requires_grad_below_vmap, (input, hx, cx, *params)))
-        output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, need_workspace)
+        need_workspace = torch.is_grad_enabled() and any(
+            map(_requires_grad_below_vmap, (input, hx, cx, *params, *cell_params))
+        )
+        output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, need_workspace, *cell_args)
         return output, hy, cy
     if torch.jit.is_tracing():
         # The graph records the dispatcher op (autograd through register_autograd below), not a
         # Python autograd.Function it could not save, and the same op whatever the grad mode:
         # the tracer's check traces again under no_grad, and the traced module may be trained.
-        output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, True)
-    elif torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params)):
-        output, hy, cy, *_workspace = _LSTMFunction.apply(input, batch_sizes, hx, cx, options, *params)
+        output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, True, *cell_args)
+    elif torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params, *cell_params)):
+        variant = (cell_args[0], cell_args[2]) if cell_args else None
+        output, hy, cy, *_workspace = _LSTMFunction.apply(
+            input, batch_sizes, hx, cx, options, variant, len(params), *params, *cell_params
+        )
     else:
-        output, hy, cy, _ = _below_autograd(_ops.forward, input, batch_sizes, hx, cx, params, *options, False)
+        args = (input, batch_sizes, hx, cx, params, *options, False, *cell_args)
+        output, hy, cy, _ = _below_autograd(_ops.forward, *args)
     return output, hy, cy
 
 
@@ -206,20 +266,25 @@ class _LSTMFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(input, batch_sizes, hx, cx, options, *params):
-        output, hy, cy, workspace = _below_autograd(_ops.forward, input, batch_sizes, hx, cx, params, *options, True)
+    def forward(input, batch_sizes, hx, cx, options, variant, num_params, *params):
+        params, cell_args = params[:num_params], _cell_args(variant, params[num_params:])
+        args = (input, batch_sizes, hx, cx, params, *options, True, *cell_args)
+        output, hy, cy, workspace = _below_autograd(_ops.forward, *args)
         return output, hy, cy, *workspace
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        input, batch_sizes, hx, cx, (has_biases, num_layers, _dropout, _train, bidirectional), *params = inputs
+        input, batch_sizes, hx, cx, options, variant, num_params, *params = inputs
+        has_biases, num_layers, _dropout, _train, bidirectional = options
         ctx.mark_non_differentiable(*output[3:])
-        _save_for_backward(ctx, input, batch_sizes, hx, cx, params, output[3:], (has_biases, num_layers, bidirectional))
+        cell_args = _cell_args(variant, params[num_params:])
+        options = (has_biases, num_layers, bidirectional)
+        _save_for_backward(ctx, input, batch_sizes, hx, cx, params[:num_params], output[3:], options, cell_args)
 
     @staticmethod
     def backward(ctx, grad_output, grad_hy, grad_cy, *_grad_workspace):
         grad_input, grad_hx, grad_cx, grad_params = _run_backward(ctx, grad_output, grad_hy, grad_cy)
-        return grad_input, None, grad_hx, grad_cx, None, *grad_params
+        return grad_input, None, grad_hx, grad_cx, None, None, None, *grad_params
 
 
 # Function.apply binds each call's arguments to forward's signature (for setup_context), and
@@ -228,19 +293,29 @@ class _LSTMFunction(torch.autograd.Function):
 _LSTMFunction.forward.__signature__ = inspect.signature(_LSTMFunction.forward)
 
 
-def _save_for_backward(ctx, input, batch_sizes, hx, cx, params, workspace, options):
+def _cell_args(variant, cell_params):
+    """The operators' trailing arguments from (cell, recurrent_dropout) or None, and cell_params."""
+    return () if variant is None else (variant[0], list(cell_params), variant[1])
+
+
+def _save_for_backward(ctx, input, batch_sizes, hx, cx, params, workspace, options, cell_args):
     # Outputs without a gradient (the workspace always, often h_n and c_n) reach the backward as
     # None, which it reads as zeros, instead of as zero tensors autograd would fill: the
     # workspace alone is several times the size of the output.
     ctx.set_materialize_grads(False)
-    ctx.num_params = len(params)
+    cell, cell_params, recurrent_dropout = cell_args or (None, [], 0.0)
+    ctx.num_params = len(params) + len(cell_params)
+    ctx.num_cell_params = len(cell_params)
     ctx.options = options
-    ctx.save_for_backward(input, batch_sizes, hx, cx, *params, *workspace)
+    ctx.variant = None if cell is None else (cell, recurrent_dropout)
+    ctx.save_for_backward(input, batch_sizes, hx, cx, *params, *cell_params, *workspace)
 
 
 def _run_backward(ctx, grad_output, grad_hy, grad_cy):
     input, batch_sizes, hx, cx, *rest = ctx.saved_tensors
     params, workspace = rest[: ctx.num_params], rest[ctx.num_params :]
+    native = len(params) - ctx.num_cell_params
+    params, cell_args = params[:native], _cell_args(ctx.variant, params[native:])
     if not workspace:
         raise RuntimeError("lstm_ext: the forward saved nothing for backward (it ran with need_workspace=False)")
     grads = (grad_output, grad_hy, grad_cy)
@@ -248,8 +323,8 @@ def _run_backward(ctx, grad_output, grad_hy, grad_cy):
         # create_graph (double backward) or batched gradients (is_grads_batched): the
         # hand-written backward has no derivative and no batching rule, so differentiate the
         # differentiable recomputation instead.
-        return _recomputed_backward(input, batch_sizes, hx, cx, params, workspace[-1], ctx.options, grads)
-    args = (input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *ctx.options)
+        return _recomputed_backward(input, batch_sizes, hx, cx, params, workspace, ctx.options, grads, cell_args)
+    args = (input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *ctx.options, *cell_args[:2])
     grad_input, grad_hx, grad_cx, grad_params = _below_autograd(_ops.backward, *args)
     return grad_input, grad_hx, grad_cx, grad_params
 
@@ -262,17 +337,19 @@ def _is_batched(tensor):
     )
 
 
-def _recomputed_backward(input, batch_sizes, hx, cx, params, dropout_masks, options, grads):
+def _recomputed_backward(input, batch_sizes, hx, cx, params, workspace, options, grads, cell_args):
     """The backward as autograd through lstm_ext::forward_differentiable, replaying the forward's
-    dropout masks: differentiable itself when grad mode is on (create_graph)."""
+    dropout masks (the workspace's last two): differentiable itself when grad mode is on (create_graph)."""
     has_biases, num_layers, bidirectional = options
+    dropout_masks, recurrent_masks = workspace[-2:]
+    replayed = (*cell_args[:2], 0.0, recurrent_masks) if cell_args else ()
     with torch.enable_grad():
         outputs = _ops.forward_differentiable(
             input, _as_list(batch_sizes), hx, cx, params, has_biases, num_layers, 0.0, False, bidirectional,
-            dropout_masks,
+            dropout_masks, *replayed,
         )
     used = [(output, grad) for output, grad in zip(outputs, grads) if grad is not None]
-    leaves = (input, hx, cx, *params)
+    leaves = (input, hx, cx, *params, *(cell_args[1] if cell_args else ()))
     wanted = [leaf for leaf in leaves if leaf.requires_grad]
     found = iter(
         torch.autograd.grad(
@@ -290,13 +367,20 @@ def _recomputed_backward(input, batch_sizes, hx, cx, params, dropout_masks, opti
 
 
 def _setup_context(ctx, inputs, output):
-    input, batch_sizes, hx, cx, params, has_biases, num_layers, _dropout, _train, bidirectional, _need = inputs
-    _save_for_backward(ctx, input, batch_sizes, hx, cx, params, output[3], (has_biases, num_layers, bidirectional))
+    input, batch_sizes, hx, cx, params, has_biases, num_layers, _dropout, _train, bidirectional, _need, *rest = inputs
+    cell, cell_params, recurrent_dropout = rest
+    cell_args = () if cell_params is None else (cell, cell_params, recurrent_dropout)
+    options = (has_biases, num_layers, bidirectional)
+    _save_for_backward(ctx, input, batch_sizes, hx, cx, params, output[3], options, cell_args)
 
 
 def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
     grad_input, grad_hx, grad_cx, grad_params = _run_backward(ctx, grad_output, grad_hy, grad_cy)
-    return grad_input, None, grad_hx, grad_cx, grad_params, None, None, None, None, None, None
+    grad_cell_params = grad_params[len(grad_params) - ctx.num_cell_params :] if ctx.num_cell_params else None
+    grad_params = grad_params[: len(grad_params) - ctx.num_cell_params]
+    grads = (grad_input, None, grad_hx, grad_cx, grad_params, *[None] * 7, grad_cell_params, None)
+    # One per argument the caller gave (needs_input_grad's length): `inputs` had the defaults filled in.
+    return grads[: len(ctx.needs_input_grad)]
 
 
 def _backward_not_differentiable(ctx, *grads):
@@ -314,7 +398,10 @@ torch.library.register_autograd("lstm_ext::backward", _backward_not_differentiab
 
 
 @torch.library.register_fake("lstm_ext::forward")
-def _forward_fake(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, need_workspace):
+def _forward_fake(
+    input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, need_workspace,
+    cell="lstm", cell_params=None, recurrent_dropout=0.0,
+):
     directions = 2 if bidirectional else 1
     hidden, proj = cx.shape[-1], hx.shape[-1]
     output = input.new_empty((*input.shape[:-1], directions * proj))
@@ -330,17 +417,21 @@ def _forward_fake(input, batch_sizes, hx, cx, params, has_biases, num_layers, dr
             input.new_empty((cells, rows, proj)),
             input.new_empty((between, rows, width)),
             input.new_empty((between, rows, width) if with_dropout else (0,)),
+            input.new_empty((cells, hx.shape[1], proj) if recurrent_dropout > 0 and train else (0,)),
         ]
     return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), workspace
 
 
 @torch.library.register_fake("lstm_ext::backward")
-def _backward_fake(input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, has_biases, num_layers, bidirectional):
+def _backward_fake(
+    input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, has_biases, num_layers, bidirectional,
+    cell="lstm", cell_params=None,
+):
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format),
         torch.empty_like(hx, memory_format=torch.contiguous_format),
         torch.empty_like(cx, memory_format=torch.contiguous_format),
-        [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params],
+        [torch.empty_like(p, memory_format=torch.contiguous_format) for p in (*params, *(cell_params or ()))],
     )
 
 
@@ -354,14 +445,16 @@ def _forward_vmap(info, in_dims, input, batch_sizes, hx, cx, params, *options):
     (V·batch_sizes). Batched weights (an ensemble) or dropout under ``randomness="same"`` run
     the operator once per mapped index."""
     input_dim, _, hx_dim, cx_dim, params_dims, *_ = in_dims
-    has_biases, num_layers, dropout, train, bidirectional, need_workspace = options
-    random = dropout > 0 and train and num_layers > 1
+    _, num_layers, dropout, train, *_ = options
+    recurrent_dropout = options[8] if len(options) > 8 else 0.0
+    random = (dropout > 0 and num_layers > 1 or recurrent_dropout > 0) and train
     if random and info.randomness == "error":
         raise RuntimeError(
             "vmap: called random operation while in randomness error mode. Please either use the 'same' or "
             "'different' randomness flags on vmap or perform the randomness operation out of vmap"
         )
-    if any(dim is not None for dim in params_dims) or (random and info.randomness == "same"):
+    batched_weights = any(dim is not None for dim in (*params_dims, *_cell_params_dims(in_dims)))
+    if batched_weights or (random and info.randomness == "same"):
         return _forward_vmap_loop(info, in_dims, input, batch_sizes, hx, cx, params, options, random)
     V, batch = info.batch_size, input.dim() - 2 if input_dim is None else input.dim() - 3  # input's batch dim
 
@@ -380,8 +473,14 @@ def _forward_vmap(info, in_dims, input, batch_sizes, hx, cx, params, *options):
     return (unfold(output, batch), unfold(hy, 1), unfold(cy, 1), workspace), (batch + 1, 2, 2, [None] * len(workspace))
 
 
+def _cell_params_dims(in_dims):
+    """The in_dims of a call's cell_params, when it has some."""
+    return (in_dims[12] or []) if len(in_dims) > 12 else []
+
+
 def _forward_vmap_loop(info, in_dims, input, batch_sizes, hx, cx, params, options, random):
     input_dim, _, hx_dim, cx_dim, params_dims, *_ = in_dims
+    cell_params_dims = _cell_params_dims(in_dims)
     pick = lambda tensor, dim, index: tensor if dim is None else tensor.select(dim, index)  # noqa: E731
     rng_state = torch.get_rng_state() if random else None  # randomness="same": every index draws alike
     results = []
@@ -389,10 +488,14 @@ def _forward_vmap_loop(info, in_dims, input, batch_sizes, hx, cx, params, option
         if rng_state is not None:
             torch.set_rng_state(rng_state)
         weights = [pick(weight, dim, index) for weight, dim in zip(params, params_dims)]
+        index_options = options
+        if cell_params_dims:
+            cell_weights = [pick(weight, dim, index) for weight, dim in zip(options[7], cell_params_dims)]
+            index_options = (*options[:7], cell_weights, *options[8:])
         results.append(
             _ops.forward(
                 pick(input, input_dim, index), batch_sizes, pick(hx, hx_dim, index), pick(cx, cx_dim, index),
-                weights, *options
+                weights, *index_options
             )
         )
     output, hy, cy, workspace = zip(*results)

@@ -5,14 +5,21 @@ installed torch's own ``forward`` code (argument validation, error messages, unb
 omitted ``hx``, ``PackedSequence`` sorting), run with its ``_VF`` global pointing at
 :mod:`lstm_ext.functional` instead of ``torch._VF``. Parameters, initialisation, ``state_dict``
 and ``repr`` are inherited. So the module matches native by construction, not by a copy of it.
+
+A cell variant (keyword-only options of ``LSTM``, see :mod:`lstm_ext.cells`) adds its parameters
+after each layer-direction's native ones, in ``_flat_weights`` too, which then is a
+:class:`functional.CellWeights` naming the variant: nn.LSTM's forward hands it to
+:func:`functional.lstm` as it is.
 """
 
+import math
 import types
 
+import torch
 from torch import nn
 from torch.nn.modules import rnn as _native_rnn
 
-from . import functional
+from . import cells, functional
 
 _VF = types.SimpleNamespace(lstm=functional.lstm, lstm_cell=functional.lstm_cell)
 
@@ -32,9 +39,91 @@ def _with_lstm_ext_ops(native_forward):
 
 
 class LSTM(nn.LSTM):
-    """Drop-in for :class:`torch.nn.LSTM` (same constructor, parameters and ``state_dict``)."""
+    """Drop-in for :class:`torch.nn.LSTM` (same constructor, parameters and ``state_dict``).
+
+    Keyword-only cell variants, all off by default (then the module is exactly nn.LSTM):
+
+    ``peephole=True``: the i and f gates see c_{t-1}, the o gate c_t, through per-unit weights
+    ``weight_ci_l{k}``, ``weight_cf_l{k}``, ``weight_co_l{k}`` [hidden_size].
+
+    ``recurrent_dropout=p`` (training only): one keep-mask per layer-direction and forward call,
+    [batch, P] ~ Bernoulli(1 - p), multiplies h_{t-1} / (1 - p) in the recurrent product at
+    every step; the carried state is not masked.
+
+    ``weight_drop=p`` (training only): DropConnect on W_hh, one mask of its shape per
+    layer-direction and forward call; every step uses W_hh ⊙ M / (1 - p).
+
+    ``cell="..."``: any cell of :mod:`lstm_ext.cells` by name (``peephole=True`` is
+    ``cell="peephole"``).
+
+    Masks come from torch's default generator, in the order given in :func:`functional.lstm`.
+    """
 
     forward = _with_lstm_ext_ops(nn.LSTM.forward)
+
+    def __init__(
+        self, *args, peephole: bool = False, recurrent_dropout: float = 0.0, weight_drop: float = 0.0,
+        cell: str = "lstm", **kwargs,
+    ):
+        if not isinstance(peephole, bool):
+            raise TypeError(f"lstm_ext.LSTM: peephole must be a bool, got {type(peephole).__name__}")
+        if not isinstance(cell, str):
+            raise TypeError(f"lstm_ext.LSTM: cell must be a str, got {type(cell).__name__}")
+        cells.parameter_count(cell)  # raises ValueError for an unknown cell
+        if peephole and cell != "lstm":
+            raise ValueError(f"lstm_ext.LSTM: peephole=True and cell={cell!r} name two cells")
+        for name, p in (("recurrent_dropout", recurrent_dropout), ("weight_drop", weight_drop)):
+            if isinstance(p, bool) or not isinstance(p, (int, float)):
+                raise TypeError(f"lstm_ext.LSTM: {name} must be a number, got {type(p).__name__}")
+            if not 0 <= p <= 1:
+                raise ValueError(f"lstm_ext.LSTM: {name} must be in [0, 1], got {p}")
+        super().__init__(*args, **kwargs)
+        self.cell = "peephole" if peephole else cell
+        self.recurrent_dropout, self.weight_drop = float(recurrent_dropout), float(weight_drop)
+        if self.cell != "lstm":
+            self._add_cell_parameters()
+        self._init_flat_weights()
+
+    def _is_plain(self):
+        """Whether the module is exactly nn.LSTM (also while nn.LSTM's __init__ runs)."""
+        return not any(getattr(self, name, None) for name in ("recurrent_dropout", "weight_drop")) and (
+            getattr(self, "cell", "lstm") == "lstm"
+        )
+
+    def _add_cell_parameters(self):
+        """Registers the cell's parameters after each layer-direction's native ones (state_dict
+        order), drawn layer-direction by layer-direction in cells.PARAMETERS' order."""
+        like = self.weight_hh_l0
+        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        native = dict(self._parameters)
+        self._parameters.clear()
+        all_weights = []
+        for names in self._all_weights:
+            suffix = names[0][len("weight_ih") :]
+            extra = []
+            for name, init in cells.PARAMETERS[self.cell]:
+                value = torch.empty(self.hidden_size, dtype=like.dtype, device=like.device)
+                with torch.no_grad():
+                    value.uniform_(-bound, bound) if init is None else value.fill_(init)
+                extra.append((name + suffix, nn.Parameter(value)))
+            self._parameters.update({name: native[name] for name in names})
+            self._parameters.update(extra)
+            all_weights.append([*names, *(name for name, _ in extra)])
+        self._all_weights = all_weights
+        self._flat_weights_names = [name for names in all_weights for name in names]
+
+    def _init_flat_weights(self):
+        super()._init_flat_weights()
+        if not self._is_plain():
+            self._flat_weights = functional.CellWeights(
+                self._flat_weights, self.cell, self.recurrent_dropout, self.weight_drop
+            )
+
+    def extra_repr(self):
+        variant = [f"cell={self.cell}"] if self.cell != "lstm" else []
+        for name in ("recurrent_dropout", "weight_drop"):
+            variant += [f"{name}={getattr(self, name)}"] if getattr(self, name) else []
+        return ", ".join([super().extra_repr(), *variant])
 
 
 class LSTMCell(nn.LSTMCell):

@@ -1,0 +1,83 @@
+// The cell variants, and the list the operators pick a cell from by name.
+//
+// Each is a struct of the cell concept (see cell.h): its name, how many extra weights of H values
+// each layer-direction has, its pointwise forward and, beside it, the backward twin. Adding a
+// cell takes a struct here, its entry in `Cells` below and its weights' names in
+// lstm_ext/cells.py (README, "Writing your own cell").
+#pragma once
+
+#include "cell.h"
+
+#include <string>
+#include <string_view>
+#include <tuple>
+
+namespace lstm_ext {
+
+// Peephole connections (Gers, Schraudolph & Schmidhuber 2002): the input and forget gates see
+// c_{t-1}, the output gate sees c_t, each through a weight per unit (p_i, p_f, p_o).
+struct PeepholeCell {
+  static constexpr const char* kName = "peephole";
+  static constexpr int kUnitWeights = 3;  // p_i, p_f, p_o
+  template <typename V>
+  using Weights = UnitWeights<V, kUnitWeights>;
+
+  template <typename V>
+  static Values<V> forward(const Gates<V>& pre, const V& cell_prev, const Weights<V>& p) {
+    const V i = pointwise::sigmoid(pointwise::fmadd(p[0], cell_prev, pre.i));
+    const V f = pointwise::sigmoid(pointwise::fmadd(p[1], cell_prev, pre.f));
+    const V z = pointwise::tanh(pre.g);
+    const V cell = pointwise::fmadd(f, cell_prev, i * z);
+    const V o = pointwise::sigmoid(pointwise::fmadd(p[2], cell, pre.o));
+    const V tanh_cell = pointwise::tanh(cell);
+    return {i, f, z, o, cell, tanh_cell, o * tanh_cell};
+  }
+
+  // As the plain cell's, plus: c_t reaches the loss through o as well (p_o), c_{t-1} through
+  // i and f (p_i, p_f).
+  template <typename V>
+  static StepGradients<V, kUnitWeights> backward(const Saved<V>& s, const Weights<V>& p, const V& dhidden,
+                                                 const V& dcell) {
+    const V one(1);
+    const V cell = pointwise::fmadd(s.f, s.cell_prev, s.i * s.z);
+    const V d_o = dhidden * s.tanh_cell * s.o * (one - s.o);
+    const V dc_total =
+        pointwise::fmadd(d_o, p[2], pointwise::fmadd(dhidden * s.o, one - s.tanh_cell * s.tanh_cell, dcell));
+    const V d_i = dc_total * s.z * s.i * (one - s.i), d_f = dc_total * s.cell_prev * s.f * (one - s.f);
+    return {{d_i, d_f, dc_total * s.i * (one - s.z * s.z), d_o},
+            pointwise::fmadd(d_f, p[1], pointwise::fmadd(d_i, p[0], dc_total * s.f)),
+            {d_i * s.cell_prev, d_f * s.cell_prev, d_o * cell}};
+  }
+};
+
+// Every cell the operators know, by kName.
+using Cells = std::tuple<LSTMCell, PeepholeCell>;
+
+// Calls body.template operator()<Cell>() for the cell named `name`.
+template <typename Body>
+void with_cell(std::string_view name, const Body& body) {
+  bool found = false;
+  std::string known;
+  std::apply(
+      [&](auto... cells) {
+        ([&] {
+          using Cell = decltype(cells);
+          known += (known.empty() ? "" : ", ") + std::string(Cell::kName);
+          if (!found && name == Cell::kName) {
+            found = true;
+            body.template operator()<Cell>();
+          }
+        }(), ...);
+      },
+      Cells{});
+  TORCH_CHECK(found, "lstm_ext: unknown cell '", name, "'; the cells are ", known);
+}
+
+// How many extra weights of H values a layer-direction of the cell named `name` has.
+inline int unit_weight_count(std::string_view name) {
+  int count = 0;
+  with_cell(name, [&]<typename Cell>() { count = Cell::kUnitWeights; });
+  return count;
+}
+
+}  // namespace lstm_ext

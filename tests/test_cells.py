@@ -1,0 +1,458 @@
+"""Cell variants (lstm_ext/cells.py, csrc/cells.h) against a plain PyTorch loop of their math.
+
+The reference runs each sequence on its own, step by step, with ATen ops, from the module's own
+parameters: dense, packed (sorted or not), both directions, projections and stacked layers then
+need nothing of lstm_ext. float64 to 1e-10, forward and every gradient.
+"""
+
+import itertools
+
+import pytest
+import torch
+from conftest import compare, weighted_sum_loss
+from torch.func import jvp
+from torch.nn.utils.rnn import pack_padded_sequence
+
+import lstm_ext
+
+INPUT_SIZE, HIDDEN_SIZE, PROJ_SIZE = 3, 4, 2
+SEQ_LEN, BATCH = 5, 3
+CALLS = ["hx", "no_hx", "unbatched", "packed_sorted", "packed_unsorted"]
+LENGTHS = {"packed_sorted": [5, 4, 2], "packed_unsorted": [2, 5, 4]}
+VARIANTS = {
+    "peephole": dict(peephole=True),
+    "recurrent_dropout": dict(recurrent_dropout=0.3),
+    "weight_drop": dict(weight_drop=0.4),
+    "all": dict(peephole=True, recurrent_dropout=0.5, weight_drop=0.25),
+}
+
+
+# ---- the reference: the issue's math, one sequence and one step at a time ------------------------
+
+
+def reference_step(module, layer, suffix, x, h, c, masks):
+    """One step of one layer-direction on x [I], h [P], c [H]: returns (h_t, c_t). masks: the
+    layer-direction's scaled keep-masks of W_hh ("weight") and of h_{t-1} ("recurrent"), or None."""
+    weight = lambda name: getattr(module, f"{name}_l{layer}{suffix}")  # noqa: E731
+    w_hh, h_in = weight("weight_hh"), h
+    if masks is not None:
+        w_hh, h_in = w_hh * masks["weight"], h * masks["recurrent"]
+    gates = weight("weight_ih") @ x + w_hh @ h_in
+    if module.bias:
+        gates = gates + weight("bias_ih") + weight("bias_hh")
+    i, f, g, o = gates.chunk(4)
+    if module.cell == "peephole":
+        i, f = i + weight("weight_ci") * c, f + weight("weight_cf") * c
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    if module.cell == "peephole":
+        o = o + weight("weight_co") * c
+    h = torch.sigmoid(o) * torch.tanh(c)
+    if module.proj_size:
+        h = weight("weight_hr") @ h
+    return h, c
+
+
+def reference_sequence(module, x, h0, c0, masks):
+    """The stack on one sequence x [T, I] from h0 [L*D, P], c0 [L*D, H] (dropout off), masks
+    per layer-direction (or None): (output [T, D*P], h_n, c_n)."""
+    directions = 2 if module.bidirectional else 1
+    hy, cy = [], []
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(directions):
+            index = layer * directions + direction
+            h, c, steps = h0[index], c0[index], [None] * len(x)
+            order = range(len(x) - 1, -1, -1) if direction else range(len(x))
+            for t in order:
+                suffix = "_reverse" if direction else ""
+                h, c = reference_step(module, layer, suffix, x[t], h, c, masks and masks[index])
+                steps[t] = h
+            outputs.append(torch.stack(steps))
+            hy.append(h)
+            cy.append(c)
+        x = torch.cat(outputs, -1)
+    return x, torch.stack(hy), torch.stack(cy)
+
+
+def reference(module, input, hx, lengths, masks=None):
+    """(output [T, B, D*P] zero-padded, h_n, c_n) for input [T, B, I] (time-major here) and each
+    sequence's length. masks: from draw_masks, or None."""
+    outputs, hy, cy = [], [], []
+    for b, length in enumerate(lengths):
+        sequence_masks = masks and [dict(weight=m["weight"], recurrent=m["recurrent"][b]) for m in masks]
+        output, h, c = reference_sequence(module, input[:length, b], hx[0][:, b], hx[1][:, b], sequence_masks)
+        outputs.append(torch.nn.functional.pad(output, (0, 0, 0, input.size(0) - length)))
+        hy.append(h)
+        cy.append(c)
+    return torch.stack(outputs, 1), torch.stack(hy, 1), torch.stack(cy, 1)
+
+
+def draw_masks(module, batch, order, dtype=torch.float64):
+    """The masks a training forward of ``module`` draws, drawn here in the documented order
+    (W_hh's per layer-direction, then recurrent dropout's per layer-direction), scaled, with
+    recurrent dropout's rows in the batch's own order: ``order[b]`` is sequence b's row in the
+    operator's (sorted) batch."""
+    directions = 2 if module.bidirectional else 1
+    states, P = module.num_layers * directions, module.proj_size or module.hidden_size
+
+    def draw(shape, p):
+        if p == 0:
+            return torch.ones(shape, dtype=torch.float64)
+        if p == 1:
+            return torch.zeros(shape, dtype=torch.float64)
+        return torch.empty(shape, dtype=dtype).bernoulli_(1 - p).double() / (1 - p)
+
+    weights = [draw((4 * module.hidden_size, P), module.weight_drop) for _ in range(states)]
+    recurrent = [draw((batch, P), module.recurrent_dropout)[order] for _ in range(states)]
+    return [dict(weight=w, recurrent=r) for w, r in zip(weights, recurrent)]
+
+
+# ---- running the module as a user would --------------------------------------------------------
+
+
+def make_module(variant, dtype=torch.float64, seed=0, **config):
+    torch.manual_seed(seed)
+    return lstm_ext.LSTM(INPUT_SIZE, HIDDEN_SIZE, **VARIANTS[variant], **config).to(dtype)
+
+
+def run_both(module, call, dtype=torch.float64, seed=11):
+    """((output, h_n, c_n), grads) of the module (its masks drawn right after manual_seed(seed))
+    and of the reference, on the same leaves."""
+    torch.manual_seed(1)
+    directions = 2 if module.bidirectional else 1
+    states = module.num_layers * directions
+    input = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, dtype=dtype)
+    h0 = torch.randn(states, BATCH, module.proj_size or HIDDEN_SIZE, dtype=dtype)
+    c0 = torch.randn(states, BATCH, HIDDEN_SIZE, dtype=dtype)
+    if call == "no_hx":
+        h0, c0 = torch.zeros_like(h0), torch.zeros_like(c0)
+    if call == "unbatched":
+        input, h0, c0 = input[:, :1], h0[:, :1], c0[:, :1]
+    lengths = LENGTHS.get(call, [input.size(0)] * input.size(1))
+    results = []
+    for run in ("module", "reference"):
+        leaves = [t.clone().requires_grad_() for t in (input, h0, c0)]
+        x, h, c = leaves
+        if run == "reference":
+            torch.manual_seed(seed)
+            order = torch.argsort(torch.tensor(lengths), descending=True, stable=True).argsort()
+            masks = draw_masks(module, x.size(1), order) if module.training else None
+            output, h_n, c_n = reference(module, x, (h, c), lengths, masks)
+            if call in LENGTHS:
+                output = pack_padded_sequence(output, lengths, enforce_sorted=False).data
+            elif module.batch_first:
+                output = output.transpose(0, 1)
+        else:
+            module_input = x.transpose(0, 1) if module.batch_first else x
+            hx = (h, c)
+            if call in LENGTHS:
+                module_input = pack_padded_sequence(module_input, lengths, module.batch_first, enforce_sorted=False)
+            if call == "unbatched":
+                module_input, hx = module_input.select(1 - module.batch_first, 0), (h[:, 0], c[:, 0])
+            torch.manual_seed(seed)
+            output, (h_n, c_n) = module(module_input, None if call == "no_hx" else hx)
+            if call in LENGTHS:
+                output = output.data
+            if call == "unbatched":
+                output, h_n, c_n = output.unsqueeze(1 - module.batch_first), h_n.unsqueeze(1), c_n.unsqueeze(1)
+        outputs = (output, h_n, c_n)
+        wanted = [x, *(() if call == "no_hx" else (h, c)), *module.parameters()]
+        grads = torch.autograd.grad(weighted_sum_loss(outputs), wanted, allow_unused=True)
+        results.append((outputs, grads))
+    return results
+
+
+CONFIGS = [
+    dict(num_layers=layers, bidirectional=bidirectional, proj_size=proj, bias=bias, batch_first=batch_first)
+    for layers, bidirectional, proj, bias, batch_first in itertools.product(
+        [1, 2], [False, True], [0, PROJ_SIZE], [True, False], [False, True]
+    )
+]
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "-".join(f"{k}{int(v)}" for k, v in c.items()))
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_matches_reference_loop(variant, config, call):
+    module = make_module(variant, **config)
+    (outputs, grads), (expected_outputs, expected_grads) = run_both(module, call)
+    compare(outputs, expected_outputs, msg="(output, h_n, c_n)")
+    compare(grads, expected_grads, msg="grads of (input, [h0, c0], *parameters)")
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_float32_and_threads_match_reference_loop(variant, threads):
+    """float32 and a size the threads split (the passes over a slice of units)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        torch.manual_seed(0)
+        module = lstm_ext.LSTM(16, 64, num_layers=2, bidirectional=True, **VARIANTS[variant])
+        input = torch.randn(20, 16, 16, requires_grad=True)
+        torch.manual_seed(5)
+        output, (h_n, c_n) = module(input)
+        # The loss's weights drawn in float64 for both: randn draws other numbers in float32.
+        loss = weighted_sum_loss([t.double() for t in (output, h_n, c_n)])
+        grads = torch.autograd.grad(loss, [input, *module.parameters()])
+        expected = module.double()
+        expected_input = input.detach().double().requires_grad_()
+        zeros = torch.zeros(4, 16, 64, dtype=torch.float64)
+        torch.manual_seed(5)
+        masks = draw_masks(expected, 16, torch.arange(16), torch.float32)
+        ref = reference(expected, expected_input, (zeros, zeros), [20] * 16, masks)
+        expected_grads = torch.autograd.grad(weighted_sum_loss(ref), [expected_input, *expected.parameters()])
+        compare((output, h_n, c_n), tuple(t.float() for t in ref))
+        compare(grads, [g.float() for g in expected_grads])
+    finally:
+        torch.set_num_threads(previous)
+
+
+# ---- autodiff beyond the first order: through the differentiable recomputation -----------------
+
+
+def functional_case(variant, packed=False, train=True):
+    """(f, primals): f(input, h0, c0, *params, *cell_params) is lstm_ext.lstm, given the variant
+    by keyword, on a bidirectional two-layer stack with projections. A variant that draws masks
+    draws them from the default generator as it stands (see seeded)."""
+    module = make_module(variant, num_layers=2, bidirectional=True, proj_size=PROJ_SIZE)
+    torch.manual_seed(2)
+    input = torch.randn(SEQ_LEN - 2, 2, INPUT_SIZE, dtype=torch.float64)
+    h0 = torch.randn(4, 2, PROJ_SIZE, dtype=torch.float64)
+    c0 = torch.randn(4, 2, HIDDEN_SIZE, dtype=torch.float64)
+    native = [name for names in torch.nn.LSTM(1, 2, 2, bidirectional=True, proj_size=1)._all_weights for name in names]
+    names = [name for name, _ in module.named_parameters()]
+    weights = [getattr(module, name) for name in sorted(names, key=lambda name: name not in native)]
+    num_native, cell = len(native), module.cell
+    dropouts = dict(recurrent_dropout=module.recurrent_dropout, weight_drop=module.weight_drop)
+    batch_sizes = torch.tensor([2, 2, 1]) if packed else None
+
+    def f(input, h0, c0, *weights):
+        params, cell_params = weights[:num_native], weights[num_native:]
+        options = dict(cell=cell, cell_params=cell_params, **dropouts)
+        if packed:
+            return lstm_ext.lstm(input, batch_sizes, (h0, c0), params, True, 2, 0.0, train, True, **options)
+        return lstm_ext.lstm(input, (h0, c0), params, True, 2, 0.0, train, True, False, **options)
+
+    if packed:
+        input = input.flatten(0, 1)[:5]
+    primals = [t.detach().clone().requires_grad_() for t in (input, h0, c0, *weights)]
+    return f, primals
+
+
+def seeded(f, seed=7):
+    """f with the same masks at every call."""
+    return lambda *args: (torch.manual_seed(seed), f(*args))[1]
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradcheck(variant, packed):
+    f, primals = functional_case(variant, packed)
+    assert torch.autograd.gradcheck(seeded(f), primals)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradgradcheck(variant):
+    f, primals = functional_case(variant)
+    assert torch.autograd.gradgradcheck(seeded(f), primals, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_jvp_matches_reference_loop(variant):
+    module = make_module(variant, num_layers=2, bidirectional=True, proj_size=PROJ_SIZE)
+    torch.manual_seed(3)
+    input = torch.randn(SEQ_LEN, 2, INPUT_SIZE, dtype=torch.float64)
+    h0 = torch.randn(4, 2, PROJ_SIZE, dtype=torch.float64)
+    c0 = torch.randn(4, 2, HIDDEN_SIZE, dtype=torch.float64)
+    names = [name for name, _ in module.named_parameters()]
+    params = [p.detach() for p in module.parameters()]
+    tangents = [torch.randn_like(t) for t in (input, h0, c0, *params)]
+
+    def run(use_reference):
+        def f(input, h0, c0, *params):
+            state = dict(zip(names, params))
+            torch.manual_seed(7)
+            if use_reference:
+                masks = draw_masks(module, 2, torch.arange(2))
+                with torch.nn.utils.stateless._reparametrize_module(module, state):
+                    return reference(module, input, (h0, c0), [SEQ_LEN] * 2, masks)
+            output, (h_n, c_n) = torch.func.functional_call(module, state, (input, (h0, c0)))
+            return output, h_n, c_n
+
+        return jvp(f, (input, h0, c0, *params), tuple(tangents))
+
+    compare(run(False), run(True))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_vmap_matches_a_loop(variant):
+    """In eval: vmap of a variant that draws masks is vmap's randomness rules, not the cell's."""
+    f, primals = functional_case(variant, train=False)
+    input, h0, c0, *weights = (p.detach() for p in primals)
+    inputs = torch.stack([input, input.flip(0), input * 2])
+    batched = torch.vmap(lambda x: f(x, h0, c0, *weights))(inputs)
+    looped = [torch.stack(parts) for parts in zip(*(f(x, h0, c0, *weights) for x in inputs))]
+    compare(list(batched), looped)
+
+
+# ---- the module's parameters, options and state_dict -------------------------------------------
+
+
+def test_defaults_are_exactly_nn_lstm():
+    torch.manual_seed(0)
+    native = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2)
+    torch.manual_seed(0)
+    ext = lstm_ext.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, peephole=False)
+    assert list(ext.state_dict()) == list(native.state_dict())
+    compare(ext.state_dict(), native.state_dict())
+    assert type(ext._flat_weights) is list
+
+
+def test_peephole_parameters_follow_each_layer_direction():
+    module = lstm_ext.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, peephole=True)
+    names = list(module.state_dict())
+    assert names[:8] == [
+        "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0", "weight_hr_l0",
+        "weight_ci_l0", "weight_cf_l0", "weight_co_l0",
+    ]
+    assert names[-3:] == ["weight_ci_l1_reverse", "weight_cf_l1_reverse", "weight_co_l1_reverse"]
+    assert module.weight_co_l1_reverse.shape == (4,)
+    bound = 1 / 4**0.5
+    assert all(p.abs().max() <= bound for name, p in module.named_parameters() if "_c" in name)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_dict_round_trip(variant, tmp_path):
+    source = make_module(variant, num_layers=2, bidirectional=True)
+    torch.save(source.state_dict(), tmp_path / "state.pt")
+    target = make_module(variant, seed=5, num_layers=2, bidirectional=True)
+    target.load_state_dict(torch.load(tmp_path / "state.pt"))
+    input = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, dtype=torch.float64)
+    compare(target.eval()(input), source.eval()(input))
+
+
+@pytest.mark.parametrize("variant", ["peephole", "all"])
+def test_loading_another_variants_state_dict_raises(variant):
+    plain = lstm_ext.LSTM(INPUT_SIZE, HIDDEN_SIZE).double()
+    module = make_module(variant)
+    with pytest.raises(RuntimeError, match="Missing key.*weight_c"):
+        module.load_state_dict(plain.state_dict())
+    with pytest.raises(RuntimeError, match="Unexpected key.*weight_c"):
+        plain.load_state_dict(module.state_dict())
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_peephole_must_be_a_bool(value):
+    with pytest.raises(TypeError, match="peephole must be a bool"):
+        lstm_ext.LSTM(3, 4, peephole=value)
+
+
+def test_module_moves_with_its_cell_parameters():
+    module = lstm_ext.LSTM(3, 4, peephole=True).double()
+    assert module.weight_ci_l0.dtype == torch.float64
+    assert isinstance(module._flat_weights, lstm_ext.functional.CellWeights)
+    assert module(torch.randn(2, 1, 3, dtype=torch.float64))[0].dtype == torch.float64
+
+
+def test_unknown_cell_raises():
+    input, h0, c0 = torch.randn(2, 1, 3), torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)
+    params = [torch.randn(16, 3), torch.randn(16, 4)]
+    with pytest.raises(RuntimeError, match="unknown cell 'nope'; the cells are lstm, peephole"):
+        lstm_ext.lstm(input, (h0, c0), params, False, 1, 0.0, False, False, False, cell="nope")
+
+
+def test_wrong_count_of_cell_params_raises():
+    input, h0, c0 = torch.randn(2, 1, 3), torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)
+    params = [torch.randn(16, 3), torch.randn(16, 4)]
+    with pytest.raises(RuntimeError, match="expected 3 cell parameters"):
+        lstm_ext.lstm(input, (h0, c0), params, False, 1, 0.0, False, False, False, cell="peephole",
+                      cell_params=[torch.randn(4)])
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_functional_form_compiles_fullgraph(packed):
+    f, primals = functional_case("all", packed)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(7)
+    outputs = compiled(*primals)
+    grads = torch.autograd.grad(weighted_sum_loss(outputs), primals)
+    torch.manual_seed(7)
+    expected = f(*primals)
+    compare(outputs, expected)
+    compare(grads, torch.autograd.grad(weighted_sum_loss(expected), primals))
+
+
+def test_opcheck_forward_with_a_cell():
+    f, primals = functional_case("peephole")
+    input, h0, c0, *weights = primals
+    params, cell_params = weights[:-12], weights[-12:]
+    args = (input, None, h0, c0, params, True, 2, 0.0, True, True, True, "peephole", cell_params)
+    torch.library.opcheck(torch.ops.lstm_ext.forward, args)
+
+
+# ---- recurrent dropout and weight drop: training only, seeded, edge values ---------------------
+
+DROPS = ["recurrent_dropout", "weight_drop"]
+
+
+def dropout_module(**options):
+    torch.manual_seed(0)
+    return lstm_ext.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, bidirectional=True, **options).double()
+
+
+def plain_twin(module):
+    plain = lstm_ext.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, bidirectional=True).double()
+    plain.load_state_dict(module.state_dict())
+    return plain
+
+
+@pytest.mark.parametrize("name", DROPS)
+def test_dropouts_are_no_ops_in_eval(name):
+    module = dropout_module(**{name: 0.5}).eval()
+    input = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, dtype=torch.float64)
+    torch.testing.assert_close(module(input), plain_twin(module).eval()(input), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", DROPS)
+def test_dropouts_are_reproducible_under_a_seed(name):
+    module = dropout_module(**{name: 0.5})
+    input = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, dtype=torch.float64)
+    runs = []
+    for seed in (1, 1, 2):
+        torch.manual_seed(seed)
+        runs.append(module(input)[0])
+    torch.testing.assert_close(runs[0], runs[1], rtol=0, atol=0)
+    assert not torch.equal(runs[0], runs[2])
+
+
+@pytest.mark.parametrize("name", DROPS)
+def test_dropping_everything_is_a_zero_recurrent_weight(name):
+    """p = 1: the recurrent product is zero, and so is W_hh's gradient."""
+    module = dropout_module(**{name: 1.0})
+    plain = plain_twin(module)
+    with torch.no_grad():
+        for weight_name, weight in plain.named_parameters():
+            if weight_name.startswith("weight_hh"):
+                weight.zero_()
+    input = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, dtype=torch.float64)
+    output, (h_n, c_n) = module(input)
+    compare((output, h_n, c_n), (lambda o: (o[0], *o[1]))(plain(input)))
+    weighted_sum_loss((output, h_n, c_n)).backward()
+    for weight_name, weight in module.named_parameters():
+        if weight_name.startswith("weight_hh"):
+            assert torch.equal(weight.grad, torch.zeros_like(weight))
+
+
+@pytest.mark.parametrize("name", DROPS)
+@pytest.mark.parametrize("value, error", [(-0.1, ValueError), (1.5, ValueError), ("0.5", TypeError), (True, TypeError)])
+def test_invalid_dropouts_raise_at_construction(name, value, error):
+    with pytest.raises(error, match=name):
+        lstm_ext.LSTM(3, 4, **{name: value})
+
+
+def test_invalid_cell_raises_at_construction():
+    with pytest.raises(ValueError, match="unknown cell 'nope'"):
+        lstm_ext.LSTM(3, 4, cell="nope")
+    with pytest.raises(TypeError, match="cell must be a str"):
+        lstm_ext.LSTM(3, 4, cell=1)
