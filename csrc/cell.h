@@ -223,6 +223,16 @@ inline V fmadd(const V& a, const V& b, const V& c) {
   }
 }
 
+// 1 - x, for every kind of value.
+template <typename V>
+inline V one_minus(const V& x) {
+  if constexpr (std::is_same_v<V, Tensor>) {
+    return 1 - x;
+  } else {
+    return V(1) - x;
+  }
+}
+
 // Calls body(j, count) over [begin, end) in vector-sized chunks (the last may be shorter).
 template <typename scalar_t, typename Body>
 inline void for_each_chunk(int64_t begin, int64_t end, const Body& body) {
@@ -324,10 +334,12 @@ struct CellPointwise {
   // pre-activations (x W_ihᵀ + h W_hhᵀ + biases) and is overwritten with the activations, which
   // the backward reuses. cell [rows, H] is c_{t-1} on entry and c_t on exit. h_t goes to
   // `hidden` and, when its data is not null, to `hidden_copy`. weights: the cell's extra weights.
+  // cell_keep [rows, H] (when its data is not null; ld 0 for one row for all): zoneout's share
+  // k of c_{t-1} in c_t = k·c_{t-1} + (1 - k)·c̃_t, c̃_t the cell's own new state.
   template <typename scalar_t>
   static void forward(int64_t rows, int64_t H, UnitSlice units, scalar_t* gates, scalar_t* cell,
                       Matrix<scalar_t> hidden, Matrix<scalar_t> hidden_copy, StepSaved<scalar_t> saved,
-                      const WeightData<scalar_t>& weights) {
+                      const WeightData<scalar_t>& weights, Matrix<const scalar_t> cell_keep) {
     for (int64_t r = 0; r < rows; ++r) {
       scalar_t* g = gates + r * 4 * H;
       scalar_t* c = cell + r * H;
@@ -335,6 +347,7 @@ struct CellPointwise {
       scalar_t* h2 = hidden_copy.data ? hidden_copy.data + r * hidden_copy.ld : nullptr;
       scalar_t* tanh_c_out = saved.tanh_cell ? saved.tanh_cell + r * H : nullptr;
       scalar_t* c_prev_out = saved.cell_prev ? saved.cell_prev + r * H : nullptr;
+      const scalar_t* keep = cell_keep.data ? cell_keep.data + r * cell_keep.ld : nullptr;
       if constexpr (pointwise::kVectorized<scalar_t>) {
         using Vec = at::vec::Vectorized<scalar_t>;
         pointwise::for_each_chunk<scalar_t>(units.begin, units.end, [&](int64_t j, int64_t n) {
@@ -349,7 +362,12 @@ struct CellPointwise {
           v.f.store(g + H + j, n);
           v.z.store(g + 2 * H + j, n);
           v.o.store(g + 3 * H + j, n);
-          v.cell.store(c + j, n);
+          if (keep) {
+            const Vec k = Vec::loadu(keep + j, n);
+            at::vec::fmadd(k, c_prev, (Vec(1) - k) * v.cell).store(c + j, n);
+          } else {
+            v.cell.store(c + j, n);
+          }
           v.hidden.store(h + j, n);
           if (h2) v.hidden.store(h2 + j, n);
           if (tanh_c_out) {
@@ -369,7 +387,7 @@ struct CellPointwise {
           g[H + j] = v.f;
           g[2 * H + j] = v.z;
           g[3 * H + j] = v.o;
-          c[j] = v.cell;
+          c[j] = keep ? opmath_t(keep[j]) * c_prev + (opmath_t(1) - opmath_t(keep[j])) * v.cell : v.cell;
           h[j] = v.hidden;
           if (h2) h2[j] = v.hidden;
           if (tanh_c_out) {
@@ -384,11 +402,12 @@ struct CellPointwise {
   // Backward twin of forward. dhidden [rows, ld] is dL/dh_t (before the projection); dcell
   // [rows, H] is dL/dc_t from later steps on entry and dL/dc_{t-1} on exit. Writes
   // dL/d(pre-activation gates) into dgates [rows, 4H] and adds the extra weights' gradients of
-  // these rows into grad_weights [K, H] (opmath).
+  // these rows into grad_weights [K, H] (opmath). cell_keep: the forward's.
   template <typename scalar_t>
   static void backward(int64_t rows, int64_t H, UnitSlice units, Matrix<const scalar_t> dhidden, scalar_t* dcell,
                        const scalar_t* gates, const scalar_t* tanh_cell, const scalar_t* cell_prev, scalar_t* dgates,
-                       const WeightData<scalar_t>& weights, at::opmath_type<scalar_t>* grad_weights) {
+                       const WeightData<scalar_t>& weights, at::opmath_type<scalar_t>* grad_weights,
+                       Matrix<const scalar_t> cell_keep) {
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* g = gates + r * 4 * H;
       const scalar_t* dh = dhidden.data + r * dhidden.ld;
@@ -396,6 +415,7 @@ struct CellPointwise {
       const scalar_t* cp = cell_prev + r * H;
       scalar_t* dc = dcell + r * H;
       scalar_t* dg = dgates + r * 4 * H;
+      const scalar_t* keep = cell_keep.data ? cell_keep.data + r * cell_keep.ld : nullptr;
       using opmath_t = at::opmath_type<scalar_t>;
       if constexpr (pointwise::kVectorized<scalar_t>) {
         using Vec = at::vec::Vectorized<scalar_t>;
@@ -404,12 +424,14 @@ struct CellPointwise {
           for (int k = 0; k < K; ++k) w[k] = Vec::loadu(weights[k] + j, n);
           const Saved<Vec> s{Vec::loadu(g + j, n),     Vec::loadu(g + H + j, n), Vec::loadu(g + 2 * H + j, n),
                              Vec::loadu(g + 3 * H + j, n), Vec::loadu(tc + j, n),   Vec::loadu(cp + j, n)};
-          const auto d = Cell::template backward<Vec>(s, w, Vec::loadu(dh + j, n), Vec::loadu(dc + j, n));
+          // With zoneout, dL/dc_t splits into its shares through c̃_t and straight to c_{t-1}.
+          const Vec dc_t = Vec::loadu(dc + j, n), k = keep ? Vec::loadu(keep + j, n) : Vec(0);
+          const auto d = Cell::template backward<Vec>(s, w, Vec::loadu(dh + j, n), keep ? (Vec(1) - k) * dc_t : dc_t);
           d.pre.i.store(dg + j, n);
           d.pre.f.store(dg + H + j, n);
           d.pre.g.store(dg + 2 * H + j, n);
           d.pre.o.store(dg + 3 * H + j, n);
-          d.cell_prev.store(dc + j, n);
+          (keep ? at::vec::fmadd(k, dc_t, d.cell_prev) : d.cell_prev).store(dc + j, n);
           for (int k = 0; k < K; ++k) {
             opmath_t* grad = grad_weights + k * H + j;
             (Vec::loadu(grad, n) + d.weights[k]).store(grad, n);
@@ -420,12 +442,13 @@ struct CellPointwise {
           typename Cell::template Weights<opmath_t> w;
           for (int k = 0; k < K; ++k) w[k] = weights[k][j];
           const Saved<opmath_t> s{g[j], g[H + j], g[2 * H + j], g[3 * H + j], tc[j], cp[j]};
-          const auto d = Cell::template backward<opmath_t>(s, w, dh[j], dc[j]);
+          const opmath_t dc_t = dc[j], k = keep ? opmath_t(keep[j]) : opmath_t(0);
+          const auto d = Cell::template backward<opmath_t>(s, w, dh[j], keep ? (opmath_t(1) - k) * dc_t : dc_t);
           dg[j] = d.pre.i;
           dg[H + j] = d.pre.f;
           dg[2 * H + j] = d.pre.g;
           dg[3 * H + j] = d.pre.o;
-          dc[j] = d.cell_prev;
+          dc[j] = keep ? k * dc_t + d.cell_prev : d.cell_prev;
           for (int k = 0; k < K; ++k) grad_weights[k * H + j] += d.weights[k];
         }
       }

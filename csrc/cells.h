@@ -50,8 +50,37 @@ struct PeepholeCell {
   }
 };
 
+// Coupled input and forget gates (CIFG; Greff et al. 2017): f = 1 - i. The forget gate's
+// pre-activations, and so its rows of the weights, are unused.
+struct CIFGCell {
+  static constexpr const char* kName = "cifg";
+  static constexpr int kUnitWeights = 0;
+  template <typename V>
+  using Weights = UnitWeights<V, kUnitWeights>;
+
+  template <typename V>
+  static Values<V> forward(const Gates<V>& pre, const V& cell_prev, const Weights<V>&) {
+    const V i = pointwise::sigmoid(pre.i), f = pointwise::one_minus(i);
+    const V z = pointwise::tanh(pre.g), o = pointwise::sigmoid(pre.o);
+    const V cell = pointwise::fmadd(f, cell_prev, i * z);
+    const V tanh_cell = pointwise::tanh(cell);
+    return {i, f, z, o, cell, tanh_cell, o * tanh_cell};
+  }
+
+  template <typename V>
+  static StepGradients<V, kUnitWeights> backward(const Saved<V>& s, const Weights<V>&, const V& dhidden,
+                                                 const V& dcell) {
+    const V one(1);
+    const V dc_total = pointwise::fmadd(dhidden * s.o, one - s.tanh_cell * s.tanh_cell, dcell);
+    return {{dc_total * (s.z - s.cell_prev) * s.i * (one - s.i), V(0), dc_total * s.i * (one - s.z * s.z),
+             dhidden * s.tanh_cell * s.o * (one - s.o)},
+            dc_total * s.f,
+            {}};
+  }
+};
+
 // Every cell the operators know, by kName.
-using Cells = std::tuple<LSTMCell, PeepholeCell>;
+using Cells = std::tuple<LSTMCell, PeepholeCell, CIFGCell>;
 
 // Calls body.template operator()<Cell>() for the cell named `name`.
 template <typename Body>

@@ -46,6 +46,31 @@ struct DirectionSaved {
   Tensor hiddens_prev;  // [N, P]  h_{t-1}
 };
 
+// Zoneout's share k of the previous state in the new one, per row and unit: [N, H] for c and
+// [N, P] for h (in training zoneout's masks; in eval its constants, expanded: stride 0 over
+// rows), or undefined without zoneout.
+struct Zoneout {
+  Tensor cell_keep, hidden_keep;
+
+  template <typename scalar_t>
+  Matrix<const scalar_t> cell() const { return as_matrix<scalar_t>(cell_keep); }
+  template <typename scalar_t>
+  Matrix<const scalar_t> hidden() const { return as_matrix<scalar_t>(hidden_keep); }
+
+ private:
+  template <typename scalar_t>
+  static Matrix<const scalar_t> as_matrix(const Tensor& keep) {
+    if (!keep.defined()) return {nullptr, 0, 0, 0};
+    return {keep.data_ptr<scalar_t>(), keep.size(0), keep.size(1), keep.stride(0)};
+  }
+};
+
+// m's rows from `row` on (null data stays null).
+template <typename T>
+Matrix<T> at_row(Matrix<T> m, int64_t row) {
+  return m.data ? Matrix<T>{m.data + row * m.ld, m.rows - row, m.cols, m.ld} : m;
+}
+
 // Below this many multiply-adds per thread, splitting a step costs more than it saves. Measured
 // on 2 threads, the latency shape's 65k-multiply-add step runs 1.25-1.4x faster split; only while
 // another process takes CPU time from the partner thread does one thread win (by ~1.1x).
@@ -122,11 +147,13 @@ struct FullLayer {
   // on exit. output [N, P] (row-strided: this direction's columns of the layer output) receives
   // h_t. h_pre [B, H] is scratch for the hidden state before the projection. recurrent_mask
   // [B, P] (recurrent dropout's scaled keep-mask, or undefined) multiplies h_{t-1} in the
-  // recurrent product only; the saved h_{t-1} is the masked one, which dW_hh needs.
+  // recurrent product only; the saved h_{t-1} is the masked one, which dW_hh needs. zoneout
+  // (undefined tensors without): the share k of the previous state in the new one, per row
+  // [N, H] for c and [N, P] for h (zoneout's masks in training, the constants expanded in eval).
   template <typename Cell, typename scalar_t>
   void forward(const CellParams& params, const PackedCell<scalar_t>& weights, int64_t k_begin, int64_t k_end,
                const Tensor& gates, const Tensor& hx, const Tensor& h, const Tensor& c, const Tensor& output,
-               const DirectionSaved* saved, const Tensor& h_pre, const Tensor& recurrent_mask,
+               const DirectionSaved* saved, const Tensor& h_pre, const Tensor& recurrent_mask, const Zoneout& zoneout,
                TeamMember team) const {
     const int64_t H = params.hidden_size(), P = params.output_size(), ld = output.stride(0);
     const auto [unit_begin, unit_end] = team.share(H, kShareAlign<scalar_t>);
@@ -144,10 +171,12 @@ struct FullLayer {
     const scalar_t* mask = recurrent_mask.defined() ? recurrent_mask.data_ptr<scalar_t>() : nullptr;
     // The masked h_{t-1}, all its columns: every member's gates need all of them.
     std::vector<scalar_t> masked_hidden(mask ? steps.max_batch() * P : 0);
+    const Matrix<const scalar_t> cell_keep = zoneout.cell<scalar_t>(), hidden_keep = zoneout.hidden<scalar_t>();
     for (int64_t k = k_begin; k < k_end; ++k) {
       const int64_t t = step_at(k), rows = steps.batch_sizes[t], row0 = steps.offsets[t];
       scalar_t* g = gate_data + (row0 - gates_row0) * 4 * H;
-      auto [from_output, from_hx] = hidden_prev<scalar_t>(k, {out, 0, P, ld}, hx_data, P);
+      const auto [prev_output, prev_hx] = hidden_prev<scalar_t>(k, {out, 0, P, ld}, hx_data, P);
+      auto from_output = prev_output, from_hx = prev_hx;
       if (mask) {
         int64_t row = 0;  // of the step, and of the mask
         for (const auto& part : {from_output, from_hx}) {
@@ -174,17 +203,36 @@ struct FullLayer {
       const bool descending = walks_w_hh_descending(k);
       matmul_hh_add<scalar_t>(from_output, weights.recurrent, H, units, g, descending);
       matmul_hh_add<scalar_t>(from_hx, weights.recurrent, H, units, g + from_output.rows * 4 * H, descending);
+      const Matrix<const scalar_t> step_cell_keep = at_row(cell_keep, row0);
+      const int64_t cols = col_end - col_begin;
+      scalar_t* out_step = out + row0 * ld + col_begin;
+      // Zoneout of h, this member's columns: h_t = k·h_{t-1} + (1 - k)·h̃_t in the output rows.
+      const auto zone_out_hidden = [&] {
+        for (int64_t r = 0; r < rows && hidden_keep.data; ++r) {
+          const scalar_t* prev = r < prev_output.rows ? prev_output.data + r * prev_output.ld
+                                                      : prev_hx.data + (r - prev_output.rows) * P;
+          const scalar_t* keep = hidden_keep.data + (row0 + r) * hidden_keep.ld;
+          scalar_t* h_t = out_step - col_begin + r * ld;
+          for (int64_t j = col_begin; j < col_end; ++j) h_t[j] = keep[j] * prev[j] + (scalar_t(1) - keep[j]) * h_t[j];
+        }
+      };
       if (!projected) {
         CellPointwise<Cell>::forward(rows, H, units, g, c_data, {h_data, rows, P, P},
-                                     {out + row0 * ld, rows, P, ld}, step_saved, unit_weights);
+                                     {out + row0 * ld, rows, P, ld}, step_saved, unit_weights, step_cell_keep);
+        if (hidden_keep.data) {
+          zone_out_hidden();
+          for (int64_t r = 0; r < rows; ++r) {
+            std::memcpy(h_data + r * P + col_begin, out_step + r * ld, cols * sizeof(scalar_t));
+          }
+        }
         team.sync();
         continue;
       }
-      CellPointwise<Cell>::forward(rows, H, units, g, c_data, {h_pre_data, rows, H, H}, {}, step_saved, unit_weights);
+      CellPointwise<Cell>::forward(rows, H, units, g, c_data, {h_pre_data, rows, H, H}, {}, step_saved, unit_weights,
+                                   step_cell_keep);
       team.sync();
-      const int64_t cols = col_end - col_begin;
-      scalar_t* out_step = out + row0 * ld + col_begin;
       weights.projection->multiply({h_pre_data, rows, H, H}, col_begin, {out_step, rows, cols, ld}, false);
+      zone_out_hidden();
       for (int64_t r = 0; r < rows; ++r) {
         std::memcpy(h_data + r * P + col_begin, out_step + r * ld, cols * sizeof(scalar_t));
       }
@@ -199,7 +247,8 @@ struct FullLayer {
   template <typename Cell>
   std::tuple<Tensor, Tensor, Tensor> forward_differentiable(const CellParams& params, const Tensor& x,
                                                            const Tensor& h0, const Tensor& c0,
-                                                           const Tensor& recurrent_mask) const {
+                                                           const Tensor& recurrent_mask,
+                                                           const Zoneout& zoneout) const {
     const int64_t H = params.hidden_size();
     typename Cell::template Weights<Tensor> unit_weights;
     std::copy(params.unit_weights.begin(), params.unit_weights.end(), unit_weights.begin());
@@ -223,8 +272,14 @@ struct FullLayer {
       const Tensor pre = gates.view({rows, 4, H});
       const Values<Tensor> v = Cell::template forward<Tensor>(
           {pre.select(1, 0), pre.select(1, 1), pre.select(1, 2), pre.select(1, 3)}, c, unit_weights);
-      c = v.cell;
-      h = params.has_projection() ? at::matmul(v.hidden, params.w_hr.t()) : v.hidden;
+      const Tensor hidden = params.has_projection() ? at::matmul(v.hidden, params.w_hr.t()) : v.hidden;
+      const auto zone_out = [&](const Tensor& keep, const Tensor& previous, const Tensor& next) {
+        if (!keep.defined()) return next;
+        const Tensor k = keep.narrow(0, steps.offsets[t], rows);
+        return k * previous + (1 - k) * next;
+      };
+      c = zone_out(zoneout.cell_keep, c, v.cell);
+      h = zone_out(zoneout.hidden_keep, h, hidden);
       outputs[t] = h;
     }
     // The final states in the batch's order: the longest sequences' rows first.
@@ -240,12 +295,12 @@ struct FullLayer {
   // dc [B, H] hold the gradients of the final states on entry and of the initial states on exit.
   // Writes dL/d(pre-activation gates) into dgates [N, 4H] and, with a projection, dL/dh_t into
   // dh_rows [N, P], and sums the gradients of the cell's extra weights into grad_unit_weights
-  // [K, H] (opmath, zeros on entry). dh_pre [B, H] is scratch. recurrent_mask: the forward's.
+  // [K, H] (opmath, zeros on entry). dh_pre [B, H] is scratch. recurrent_mask, zoneout: the forward's.
   template <typename Cell, typename scalar_t>
   void backward(const CellParams& params, const PackedCell<scalar_t>& weights, const DirectionSaved& saved,
                 const Tensor& grad_output, const Tensor& dh, const Tensor& dc, const Tensor& dgates,
                 const Tensor& dh_rows, const Tensor& dh_pre, const Tensor& grad_unit_weights,
-                const Tensor& recurrent_mask, TeamMember team) const {
+                const Tensor& recurrent_mask, const Zoneout& zoneout, TeamMember team) const {
     const int64_t H = params.hidden_size(), P = params.output_size();
     const auto [unit_begin, unit_end] = team.share(H, kShareAlign<scalar_t>);
     const UnitSlice units{unit_begin, unit_end};
@@ -266,6 +321,9 @@ struct FullLayer {
     using opmath_t = at::opmath_type<scalar_t>;
     opmath_t* grad_unit_weight_data = grad_unit_weights.defined() ? grad_unit_weights.data_ptr<opmath_t>() : nullptr;
     const scalar_t* mask = recurrent_mask.defined() ? recurrent_mask.data_ptr<scalar_t>() : nullptr;
+    const Matrix<const scalar_t> cell_keep = zoneout.cell<scalar_t>(), hidden_keep = zoneout.hidden<scalar_t>();
+    // Zoneout's share k·dL/dh_t of a step's rows, which goes straight to dL/dh_{t-1}.
+    std::vector<scalar_t> dh_kept(hidden_keep.data ? steps.max_batch() * P : 0);
     for (int64_t k = steps.count() - 1; k >= 0; --k) {
       const int64_t t = step_at(k), rows = steps.batch_sizes[t], row0 = steps.offsets[t];
       // dL/dh_t = (from later steps) + (from the layer output); this member owns columns [col_begin, col_end).
@@ -274,6 +332,13 @@ struct FullLayer {
         if (grad_out) {
           const scalar_t* g = grad_out + (row0 + r) * grad_ld;
           for (int64_t j = col_begin; j < col_end; ++j) dh_r[j] += g[j];
+        }
+        if (hidden_keep.data) {  // dL/dh̃_t = (1 - k)·dL/dh_t
+          const scalar_t* keep = hidden_keep.data + (row0 + r) * hidden_keep.ld;
+          for (int64_t j = col_begin; j < col_end; ++j) {
+            dh_kept[r * P + j] = keep[j] * dh_r[j];
+            dh_r[j] *= scalar_t(1) - keep[j];
+          }
         }
         if (dh_rows_data) std::memcpy(dh_rows_data + (row0 + r) * P + col_begin, dh_r + col_begin, cols * sizeof(scalar_t));
       }
@@ -285,13 +350,17 @@ struct FullLayer {
       }
       scalar_t* dg = dgate_data + row0 * 4 * H;
       CellPointwise<Cell>::backward(rows, H, units, dhidden, dc_data, gates + row0 * 4 * H, tanh_cells + row0 * H,
-                                    cells_prev + row0 * H, dg, unit_weights, grad_unit_weight_data);
+                                    cells_prev + row0 * H, dg, unit_weights, grad_unit_weight_data,
+                                    at_row(cell_keep, row0));
       team.sync();
       // dL/dh_{t-1} = dgates · W_hh, this member's columns, alternating the walk over W_hh.
       weights.recurrent.multiply({dg, rows, 4 * H, 4 * H}, col_begin, {dh_data + col_begin, rows, cols, P}, false,
                                  nullptr, walks_w_hh_descending(k));
       for (int64_t r = 0; r < rows && mask; ++r) {
         for (int64_t j = col_begin; j < col_end; ++j) dh_data[r * P + j] *= mask[r * P + j];
+      }
+      for (int64_t r = 0; r < rows && hidden_keep.data; ++r) {
+        for (int64_t j = col_begin; j < col_end; ++j) dh_data[r * P + j] += dh_kept[r * P + j];
       }
     }
   }

@@ -170,9 +170,11 @@ struct Workspace {
   Tensor layer_inputs;     // [L-1, N, D*P] inputs of layers 1.., after dropout
   Tensor dropout_masks;    // [L-1, N, D*P] scaled keep-masks, or [0] without dropout
   Tensor recurrent_masks;  // [L*D, B, P] recurrent dropout's scaled keep-masks, or [0] without
+  Tensor zoneout_cell_masks;    // [L*D, N, H] zoneout's masks of c in training, or [0]
+  Tensor zoneout_hidden_masks;  // [L*D, N, P] zoneout's masks of h in training, or [0]
 
   static Workspace allocate(const StackShape& s, int64_t rows, int64_t batch, bool with_dropout,
-                            bool with_recurrent_dropout, const at::TensorOptions& opts) {
+                            bool with_recurrent_dropout, bool with_zoneout, const at::TensorOptions& opts) {
     const int64_t cells = s.num_layers * s.num_directions, H = s.hidden_size, P = s.output_size;
     const int64_t between = s.num_layers - 1, width = s.num_directions * P;
     return {at::empty({cells, rows, 4 * H}, opts),
@@ -181,14 +183,17 @@ struct Workspace {
             at::empty({cells, rows, P}, opts),
             at::empty({between, rows, width}, opts),
             with_dropout ? at::empty({between, rows, width}, opts) : at::empty({0}, opts),
-            with_recurrent_dropout ? at::empty({cells, batch, P}, opts) : at::empty({0}, opts)};
+            with_recurrent_dropout ? at::empty({cells, batch, P}, opts) : at::empty({0}, opts),
+            with_zoneout ? at::empty({cells, rows, H}, opts) : at::empty({0}, opts),
+            with_zoneout ? at::empty({cells, rows, P}, opts) : at::empty({0}, opts)};
   }
   static Workspace from_list(TensorList list) {
-    TORCH_CHECK(list.size() == 7, "lstm_ext: the workspace is empty: the forward ran without saving for backward");
-    return {list[0], list[1], list[2], list[3], list[4], list[5], list[6]};
+    TORCH_CHECK(list.size() == 9, "lstm_ext: the workspace is empty: the forward ran without saving for backward");
+    return {list[0], list[1], list[2], list[3], list[4], list[5], list[6], list[7], list[8]};
   }
   std::vector<Tensor> to_list() const {
-    return {gates, tanh_cells, cells_prev, hiddens_prev, layer_inputs, dropout_masks, recurrent_masks};
+    return {gates,         tanh_cells,      cells_prev,         hiddens_prev,        layer_inputs,
+            dropout_masks, recurrent_masks, zoneout_cell_masks, zoneout_hidden_masks};
   }
   bool has_dropout() const { return dropout_masks.numel() > 0; }
   Tensor recurrent_mask(int64_t cell) const { return recurrent_masks.numel() > 0 ? recurrent_masks[cell] : Tensor(); }
@@ -196,6 +201,27 @@ struct Workspace {
     return {gates[cell], tanh_cells[cell], cells_prev[cell], hiddens_prev[cell]};
   }
 };
+
+// ---- zoneout ----------------------------------------------------------------------------------
+
+// zoneout: [] (none) or [z_c, z_h].
+bool check_zoneout(at::ArrayRef<double> zoneout) {
+  TORCH_CHECK(zoneout.empty() || zoneout.size() == 2, "lstm_ext: zoneout must be [] or [z_c, z_h], got ",
+              zoneout.size(), " values");
+  for (double z : zoneout) TORCH_CHECK(z >= 0 && z <= 1, "zoneout probability has to be between 0 and 1, but got ", z);
+  return !zoneout.empty() && (zoneout[0] > 0 || zoneout[1] > 0);
+}
+
+// Zoneout in eval: the constants z_c and z_h, expanded over the N rows.
+Zoneout constant_zoneout(at::ArrayRef<double> zoneout, int64_t N, int64_t H, int64_t P, const at::TensorOptions& opts) {
+  return {at::full({1, H}, zoneout[0], opts).expand({N, H}), at::full({1, P}, zoneout[1], opts).expand({N, P})};
+}
+
+// Zoneout in training: masks d ~ Bernoulli(z) per step, row and unit, drawn into cell_mask [N, H]
+// and then hidden_mask [N, P].
+Zoneout draw_zoneout(at::ArrayRef<double> zoneout, Tensor cell_mask, Tensor hidden_mask) {
+  return {cell_mask.bernoulli_(zoneout[0]), hidden_mask.bernoulli_(zoneout[1])};
+}
 
 // ---- forward ----------------------------------------------------------------------------------
 
@@ -227,7 +253,8 @@ int64_t inference_chunk_steps(const Steps& steps, int64_t num_directions, int64_
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
     const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
     TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
-    bool need_workspace, c10::string_view cell, std::optional<TensorList> cell_params, double recurrent_dropout) {
+    bool need_workspace, c10::string_view cell, std::optional<TensorList> cell_params, double recurrent_dropout,
+    at::ArrayRef<double> zoneout) {
   TORCH_CHECK(num_layers > 0, "lstm_ext: num_layers must be positive, got ", num_layers);
   const int64_t D = bidirectional ? 2 : 1;
   const std::vector<CellParams> cells =
@@ -241,12 +268,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   TORCH_CHECK(recurrent_dropout >= 0 && recurrent_dropout <= 1,
               "recurrent_dropout probability has to be between 0 and 1, but got ", recurrent_dropout);
   const bool apply_recurrent_dropout = recurrent_dropout > 0 && train;
+  const bool apply_zoneout = check_zoneout(zoneout);
 
   const Tensor h0 = hx.contiguous(), c0 = cx.contiguous();
   Tensor hy = h0.clone(), cy = c0.clone();
   const int64_t B = steps.max_batch();
   Workspace ws =
-      need_workspace ? Workspace::allocate(s, N, B, apply_dropout, apply_recurrent_dropout, opts) : Workspace{};
+      need_workspace ? Workspace::allocate(s, N, B, apply_dropout, apply_recurrent_dropout, apply_zoneout && train, opts)
+                     : Workspace{};
+  const Zoneout eval_zoneout = apply_zoneout && !train ? constant_zoneout(zoneout, N, H, P, opts) : Zoneout{};
   // Inference projects the input a chunk of steps at a time into one buffer per direction, reused
   // across chunks and layers (see kInferenceChunkBytes).
   const int64_t chunk_steps =
@@ -268,6 +298,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
         layer_output = need_workspace && !last ? ws.layer_inputs[l] : at::empty({N, D * P}, opts);
         // Tensor views are made here: the threads below touch raw memory only.
         std::vector<Tensor> gates, outputs, h0s, hys, cys, h_pres, recurrent_masks;
+        std::vector<Zoneout> zoneouts;
         std::vector<DirectionSaved> saved;
         std::vector<PackedCell<scalar_t>> weights;
         for (int64_t d = 0; d < D; ++d) {
@@ -287,6 +318,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
             draw_dropout_mask(recurrent_mask, recurrent_dropout);
           }
           recurrent_masks.push_back(recurrent_mask);
+          // Zoneout's masks [N, H] and [N, P] in training, drawn next.
+          zoneouts.push_back(!apply_zoneout || !train ? eval_zoneout
+                             : need_workspace ? draw_zoneout(zoneout, ws.zoneout_cell_masks[c], ws.zoneout_hidden_masks[c])
+                                              : draw_zoneout(zoneout, at::empty({N, H}, opts), at::empty({N, P}, opts)));
         }
         for (int64_t k0 = 0; k0 < steps.count(); k0 += chunk_steps) {
           const int64_t k1 = std::min(k0 + chunk_steps, steps.count());
@@ -297,7 +332,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
           for_each_direction(D, threads, [&](int d, TeamMember member) {
             FullLayer{steps, d == 1}.forward<Cell, scalar_t>(cells[l * D + d], weights[d], k0, k1, gates[d], h0s[d],
                                                        hys[d], cys[d], outputs[d], need_workspace ? &saved[d] : nullptr,
-                                                       h_pres[d], recurrent_masks[d], member);
+                                                       h_pres[d], recurrent_masks[d], zoneouts[d], member);
           });
         }
         if (apply_dropout && !last) {
@@ -321,7 +356,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
     const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
     TensorList params, TensorList workspace, const std::optional<Tensor>& grad_output,
     const std::optional<Tensor>& grad_hy, const std::optional<Tensor>& grad_cy, bool has_biases, int64_t num_layers,
-    bool bidirectional, c10::string_view cell, std::optional<TensorList> cell_params) {
+    bool bidirectional, c10::string_view cell, std::optional<TensorList> cell_params, at::ArrayRef<double> zoneout) {
   const int64_t D = bidirectional ? 2 : 1;
   const int64_t unit_weights = unit_weight_count(cell);
   const std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D, cell_params, unit_weights);
@@ -340,6 +375,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
   const Tensor dh_pre = cells.front().has_projection() ? at::empty({D, steps.max_batch(), H}, hx.options()) : Tensor();
   // One set for all layers: fresh buffers this big cost their page faults again in every layer.
   const Tensor all_dgates = at::empty({D, N, 4 * H}, hx.options());
+  // Without its masks in the workspace, the forward ran zoneout in eval.
+  const Zoneout eval_zoneout = check_zoneout(zoneout) && ws.zoneout_cell_masks.numel() == 0
+                                   ? constant_zoneout(zoneout, N, H, P, hx.options())
+                                   : Zoneout{};
   const Tensor all_dh_rows = cells.front().has_projection() ? at::empty({D, N, P}, hx.options()) : Tensor();
   Tensor grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::backward", [&] {
@@ -348,6 +387,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
       for (int64_t l = num_layers - 1; l >= 0; --l) {
         const Tensor layer_input = l == 0 ? input.reshape({N, input.size(-1)}).contiguous() : ws.layer_inputs[l - 1];
         std::vector<Tensor> dgates, dh_rows, grad_outs, dhs, dcs, dh_pres, grad_unit_weights, recurrent_masks;
+        std::vector<Zoneout> zoneouts;
         std::vector<DirectionSaved> saved;
         std::vector<PackedCell<scalar_t>> weights;
         for (int64_t d = 0; d < D; ++d) {
@@ -361,6 +401,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           dh_pres.push_back(dh_pre.defined() ? dh_pre[d] : Tensor());
           saved.push_back(ws.direction(c));
           recurrent_masks.push_back(ws.recurrent_mask(c));
+          zoneouts.push_back(ws.zoneout_cell_masks.numel() > 0
+                                 ? Zoneout{ws.zoneout_cell_masks[c], ws.zoneout_hidden_masks[c]}
+                                 : eval_zoneout);
           grad_unit_weights.push_back(
               unit_weights > 0 ? at::zeros({unit_weights, H}, hx.options().dtype(at::toOpMathType(hx.scalar_type())))
                                : Tensor());
@@ -368,7 +411,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
         for_each_direction(D, threads, [&](int d, TeamMember member) {
           FullLayer{steps, d == 1}.backward<Cell, scalar_t>(cells[l * D + d], weights[d], saved[d], grad_outs[d],
                                                             dhs[d], dcs[d], dgates[d], dh_rows[d], dh_pres[d],
-                                                            grad_unit_weights[d], recurrent_masks[d], member);
+                                                            grad_unit_weights[d], recurrent_masks[d], zoneouts[d],
+                                                            member);
         });
         // Weight gradients as a few GEMMs over all steps at once.
         Tensor grad_layer_input = at::empty({N, layer_input.size(1)}, hx.options());
@@ -414,7 +458,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
     const Tensor& input, at::OptionalIntArrayRef batch_sizes, const Tensor& hx, const Tensor& cx,
     TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
     const std::optional<Tensor>& dropout_masks, c10::string_view cell, std::optional<TensorList> cell_params,
-    double recurrent_dropout, const std::optional<Tensor>& recurrent_masks) {
+    double recurrent_dropout, const std::optional<Tensor>& recurrent_masks, at::ArrayRef<double> zoneout,
+    std::optional<TensorList> zoneout_masks) {
   TORCH_CHECK(num_layers > 0, "lstm_ext: num_layers must be positive, got ", num_layers);
   const int64_t D = bidirectional ? 2 : 1;
   const std::vector<CellParams> cells =
@@ -426,6 +471,12 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
   const bool apply_dropout = replay || (dropout > 0 && train && num_layers > 1);
   const bool replay_recurrent = recurrent_masks.has_value() && recurrent_masks->numel() > 0;
   const bool apply_recurrent_dropout = replay_recurrent || (recurrent_dropout > 0 && train);
+  const bool apply_zoneout = check_zoneout(zoneout);
+  const bool replay_zoneout = zoneout_masks.has_value() && zoneout_masks->size() == 2 && (*zoneout_masks)[0].numel() > 0;
+  const int64_t N = steps.rows(), H = s.hidden_size, P = s.output_size;
+  const Zoneout eval_zoneout = apply_zoneout && !train && !replay_zoneout
+                                   ? constant_zoneout(zoneout, N, H, P, input.options())
+                                   : Zoneout{};
   Tensor layer_input = input.reshape({steps.rows(), s.input_size});
   std::vector<Tensor> hy, cy;
   for (int64_t l = 0; l < num_layers; ++l) {
@@ -438,10 +489,16 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
                                           : draw_dropout_mask(at::empty({steps.max_batch(), s.output_size},
                                                                         input.options()), recurrent_dropout);
       }
+      Zoneout zone = eval_zoneout;
+      if (replay_zoneout) {
+        zone = {(*zoneout_masks)[0][c], (*zoneout_masks)[1][c]};
+      } else if (apply_zoneout && train) {
+        zone = draw_zoneout(zoneout, at::empty({N, H}, input.options()), at::empty({N, P}, input.options()));
+      }
       std::tuple<Tensor, Tensor, Tensor> result;
       with_cell(cell, [&]<typename Cell>() {
         result = FullLayer{steps, d == 1}.forward_differentiable<Cell>(cells[c], layer_input, hx[c], cx[c],
-                                                                       recurrent_mask);
+                                                                       recurrent_mask, zone);
       });
       auto [output, h, c_last] = std::move(result);
       outputs.push_back(std::move(output));
@@ -463,17 +520,18 @@ TORCH_LIBRARY(lstm_ext, m) {
   m.def(
       "forward(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, bool has_biases, "
       "int num_layers, float dropout, bool train, bool bidirectional, bool need_workspace, str cell=\"lstm\", "
-      "Tensor[]? cell_params=None, float recurrent_dropout=0.) "
+      "Tensor[]? cell_params=None, float recurrent_dropout=0., float[] zoneout=[]) "
       "-> (Tensor output, Tensor hy, Tensor cy, Tensor[] workspace)");
   m.def(
       "backward(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, Tensor[] workspace, "
       "Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, bool has_biases, int num_layers, bool bidirectional, "
-      "str cell=\"lstm\", Tensor[]? cell_params=None) "
+      "str cell=\"lstm\", Tensor[]? cell_params=None, float[] zoneout=[]) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_params)");
   m.def(
       "forward_differentiable(Tensor input, int[]? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, "
       "bool has_biases, int num_layers, float dropout, bool train, bool bidirectional, Tensor? dropout_masks, "
-      "str cell=\"lstm\", Tensor[]? cell_params=None, float recurrent_dropout=0., Tensor? recurrent_masks=None) "
+      "str cell=\"lstm\", Tensor[]? cell_params=None, float recurrent_dropout=0., Tensor? recurrent_masks=None, "
+      "float[] zoneout=[], Tensor[]? zoneout_masks=None) "
       "-> (Tensor output, Tensor hy, Tensor cy)");
 }
 

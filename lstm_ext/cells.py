@@ -9,6 +9,7 @@ module starts from: ``None`` draws them like nn.LSTM's own weights, U(-1/sqrt(H)
 PARAMETERS = {
     "lstm": (),
     "peephole": (("weight_ci", None), ("weight_cf", None), ("weight_co", None)),
+    "cifg": (),
 }
 
 

@@ -27,11 +27,13 @@ def lstm(*args, **kwargs) -> tuple[Tensor, Tensor, Tensor]:
     Keyword-only, the variants (see lstm_ext.LSTM): ``cell`` names a cell (see
     :mod:`lstm_ext.cells`) and ``cell_params`` gives its extra parameters, layer-direction by
     layer-direction; ``recurrent_dropout`` and ``weight_drop`` are probabilities, applied when
-    ``train``. ``params`` may also be a module's :class:`CellWeights`, which carries them all.
+    ``train``; ``zoneout`` is ``(z_c, z_h)`` (masks when ``train``, else the constants).
+    ``params`` may also be a module's :class:`CellWeights`, which carries them all.
 
     Random draws, from torch's default generator, in this order: weight drop's masks of W_hh
-    (one per layer-direction, in nn.LSTM's order), then per layer recurrent dropout's masks
-    (one per direction) as the layer starts and dropout's mask after it.
+    (one per layer-direction, in nn.LSTM's order), then per layer and direction as the layer
+    starts, recurrent dropout's mask [B, P] and zoneout's masks of c [N, H] and of h [N, P] (N the
+    rows of all steps), then dropout's mask after the layer.
     """
     packed = "batch_sizes" in kwargs or (len(args) > 1 and isinstance(args[1], Tensor))
     return (lstm_packed if packed else lstm_dense)(*args, **kwargs)
@@ -86,19 +88,22 @@ class CellWeights(list):
     layer-direction's native ones, and the variant's options: how lstm_ext.LSTM hands them to
     :func:`lstm` through nn.LSTM's own forward code."""
 
-    def __init__(self, weights, cell: str = "lstm", recurrent_dropout: float = 0.0, weight_drop: float = 0.0):
+    def __init__(self, weights, cell="lstm", recurrent_dropout=0.0, weight_drop=0.0, zoneout=(0.0, 0.0)):
         super().__init__(weights)
         self.cell, self.recurrent_dropout, self.weight_drop = cell, recurrent_dropout, weight_drop
+        self.zoneout = zoneout
 
 
 def _variant_args(
-    params, train, num_layers, bidirectional, cell="lstm", cell_params=(), recurrent_dropout=0.0, weight_drop=0.0
+    params, train, num_layers, bidirectional, cell="lstm", cell_params=(), recurrent_dropout=0.0, weight_drop=0.0,
+    zoneout=(0.0, 0.0),
 ):
-    """(nn.LSTM's params, weight-dropped in training; the operators' trailing arguments
-    (cell, cell_params, recurrent_dropout): none for the plain LSTM)."""
+    """(nn.LSTM's params, weight-dropped in training; the forward operator's trailing arguments
+    (cell, cell_params, recurrent_dropout, zoneout): none for the plain LSTM)."""
     layer_directions = num_layers * (2 if bidirectional else 1)
     if isinstance(params, CellWeights):
         cell, recurrent_dropout, weight_drop = params.cell, params.recurrent_dropout, params.weight_drop
+        zoneout = params.zoneout
         per_cell, extra = len(params) // layer_directions, cells.parameter_count(params.cell)
         chunks = [params[i : i + per_cell] for i in range(0, len(params), per_cell)]
         params = [p for chunk in chunks for p in chunk[: per_cell - extra]]
@@ -110,9 +115,10 @@ def _variant_args(
             w_hh = params[index]
             mask = torch.zeros_like(w_hh) if weight_drop == 1 else torch.empty_like(w_hh).bernoulli_(1 - weight_drop)
             params[index] = w_hh * (mask if weight_drop == 1 else mask / (1 - weight_drop))
-    if cell == "lstm" and not cell_params and not (recurrent_dropout > 0 and train):
+    zoneout = [float(z) for z in ((zoneout, zoneout) if isinstance(zoneout, (int, float)) else zoneout)]
+    if cell == "lstm" and not cell_params and not (recurrent_dropout > 0 and train) and not any(zoneout):
         return params, ()
-    return params, (cell, list(cell_params), float(recurrent_dropout))
+    return params, (cell, list(cell_params), float(recurrent_dropout), zoneout)
 
 
 def lstm_cell(
@@ -161,8 +167,8 @@ def _check_cell_args(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: 
 
 
 def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, cell_args=()):
-    """cell_args: () for the plain LSTM, else (cell, cell_params, recurrent_dropout), the trailing
-    arguments of the forward operators (of the backward: the first two)."""
+    """cell_args: () for the plain LSTM, else (cell, cell_params, recurrent_dropout, zoneout), the
+    forward operator's trailing arguments (see _backward_tail, _differentiable_tail)."""
     params = list(params)
     cell_params = cell_args[1] if cell_args else []
     if input.device.type not in ("cpu", "meta"):
@@ -181,7 +187,7 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
     options = (has_biases, num_layers, float(dropout), train, bidirectional)
     transform = _transform_of(input, hx, cx, *params, *cell_params)
     if transform == "differentiable":
-        args = (input, _as_list(batch_sizes), hx, cx, params, *options, None, *cell_args)
+        args = (input, _as_list(batch_sizes), hx, cx, params, *options, None, *_differentiable_tail(cell_args))
         return _ops.forward_differentiable(*args)
     if transform == "vmap":
         # Through the dispatcher, to the batching rule registered below.
@@ -196,7 +202,7 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         # the tracer's check traces again under no_grad, and the traced module may be trained.
         output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, True, *cell_args)
     elif torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params, *cell_params)):
-        variant = (cell_args[0], cell_args[2]) if cell_args else None
+        variant = (cell_args[0], *cell_args[2:]) if cell_args else None
         output, hy, cy, *_workspace = _LSTMFunction.apply(
             input, batch_sizes, hx, cx, options, variant, len(params), *params, *cell_params
         )
@@ -294,8 +300,21 @@ _LSTMFunction.forward.__signature__ = inspect.signature(_LSTMFunction.forward)
 
 
 def _cell_args(variant, cell_params):
-    """The operators' trailing arguments from (cell, recurrent_dropout) or None, and cell_params."""
-    return () if variant is None else (variant[0], list(cell_params), variant[1])
+    """cell_args from (cell, recurrent_dropout, zoneout) or None, and cell_params."""
+    return () if variant is None else (variant[0], list(cell_params), *variant[1:])
+
+
+def _backward_tail(cell_args):
+    """The backward operator's trailing arguments: (cell, cell_params, zoneout)."""
+    return (*cell_args[:2], cell_args[3]) if cell_args else ()
+
+
+def _differentiable_tail(cell_args, recurrent_masks=None, zoneout_masks=None):
+    """forward_differentiable's trailing arguments, with the masks of a forward to replay."""
+    if not cell_args:
+        return ()
+    cell, cell_params, recurrent_dropout, zoneout = cell_args
+    return cell, cell_params, recurrent_dropout, recurrent_masks, zoneout, zoneout_masks
 
 
 def _save_for_backward(ctx, input, batch_sizes, hx, cx, params, workspace, options, cell_args):
@@ -303,11 +322,11 @@ def _save_for_backward(ctx, input, batch_sizes, hx, cx, params, workspace, optio
     # None, which it reads as zeros, instead of as zero tensors autograd would fill: the
     # workspace alone is several times the size of the output.
     ctx.set_materialize_grads(False)
-    cell, cell_params, recurrent_dropout = cell_args or (None, [], 0.0)
+    cell, cell_params, *dropouts = cell_args or (None, [])
     ctx.num_params = len(params) + len(cell_params)
     ctx.num_cell_params = len(cell_params)
     ctx.options = options
-    ctx.variant = None if cell is None else (cell, recurrent_dropout)
+    ctx.variant = None if cell is None else (cell, *dropouts)
     ctx.save_for_backward(input, batch_sizes, hx, cx, *params, *cell_params, *workspace)
 
 
@@ -324,7 +343,8 @@ def _run_backward(ctx, grad_output, grad_hy, grad_cy):
         # hand-written backward has no derivative and no batching rule, so differentiate the
         # differentiable recomputation instead.
         return _recomputed_backward(input, batch_sizes, hx, cx, params, workspace, ctx.options, grads, cell_args)
-    args = (input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *ctx.options, *cell_args[:2])
+    args = (input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *ctx.options)
+    args = (*args, *_backward_tail(cell_args))
     grad_input, grad_hx, grad_cx, grad_params = _below_autograd(_ops.backward, *args)
     return grad_input, grad_hx, grad_cx, grad_params
 
@@ -339,10 +359,10 @@ def _is_batched(tensor):
 
 def _recomputed_backward(input, batch_sizes, hx, cx, params, workspace, options, grads, cell_args):
     """The backward as autograd through lstm_ext::forward_differentiable, replaying the forward's
-    dropout masks (the workspace's last two): differentiable itself when grad mode is on (create_graph)."""
+    masks (dropout's, recurrent dropout's, zoneout's): differentiable itself when grad mode is on (create_graph)."""
     has_biases, num_layers, bidirectional = options
-    dropout_masks, recurrent_masks = workspace[-2:]
-    replayed = (*cell_args[:2], 0.0, recurrent_masks) if cell_args else ()
+    dropout_masks, recurrent_masks, *zoneout_masks = workspace[5:]
+    replayed = _differentiable_tail(cell_args, recurrent_masks, zoneout_masks)
     with torch.enable_grad():
         outputs = _ops.forward_differentiable(
             input, _as_list(batch_sizes), hx, cx, params, has_biases, num_layers, 0.0, False, bidirectional,
@@ -368,8 +388,7 @@ def _recomputed_backward(input, batch_sizes, hx, cx, params, workspace, options,
 
 def _setup_context(ctx, inputs, output):
     input, batch_sizes, hx, cx, params, has_biases, num_layers, _dropout, _train, bidirectional, _need, *rest = inputs
-    cell, cell_params, recurrent_dropout = rest
-    cell_args = () if cell_params is None else (cell, cell_params, recurrent_dropout)
+    cell_args = () if rest[1] is None else tuple(rest)
     options = (has_biases, num_layers, bidirectional)
     _save_for_backward(ctx, input, batch_sizes, hx, cx, params, output[3], options, cell_args)
 
@@ -378,7 +397,7 @@ def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
     grad_input, grad_hx, grad_cx, grad_params = _run_backward(ctx, grad_output, grad_hy, grad_cy)
     grad_cell_params = grad_params[len(grad_params) - ctx.num_cell_params :] if ctx.num_cell_params else None
     grad_params = grad_params[: len(grad_params) - ctx.num_cell_params]
-    grads = (grad_input, None, grad_hx, grad_cx, grad_params, *[None] * 7, grad_cell_params, None)
+    grads = (grad_input, None, grad_hx, grad_cx, grad_params, *[None] * 7, grad_cell_params, None, None)
     # One per argument the caller gave (needs_input_grad's length): `inputs` had the defaults filled in.
     return grads[: len(ctx.needs_input_grad)]
 
@@ -400,7 +419,7 @@ torch.library.register_autograd("lstm_ext::backward", _backward_not_differentiab
 @torch.library.register_fake("lstm_ext::forward")
 def _forward_fake(
     input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, need_workspace,
-    cell="lstm", cell_params=None, recurrent_dropout=0.0,
+    cell="lstm", cell_params=None, recurrent_dropout=0.0, zoneout=(),
 ):
     directions = 2 if bidirectional else 1
     hidden, proj = cx.shape[-1], hx.shape[-1]
@@ -418,6 +437,8 @@ def _forward_fake(
             input.new_empty((between, rows, width)),
             input.new_empty((between, rows, width) if with_dropout else (0,)),
             input.new_empty((cells, hx.shape[1], proj) if recurrent_dropout > 0 and train else (0,)),
+            input.new_empty((cells, rows, hidden) if any(zoneout) and train else (0,)),
+            input.new_empty((cells, rows, proj) if any(zoneout) and train else (0,)),
         ]
     return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), workspace
 
@@ -425,7 +446,7 @@ def _forward_fake(
 @torch.library.register_fake("lstm_ext::backward")
 def _backward_fake(
     input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, has_biases, num_layers, bidirectional,
-    cell="lstm", cell_params=None,
+    cell="lstm", cell_params=None, zoneout=(),
 ):
     return (
         torch.empty_like(input, memory_format=torch.contiguous_format),
@@ -447,7 +468,8 @@ def _forward_vmap(info, in_dims, input, batch_sizes, hx, cx, params, *options):
     input_dim, _, hx_dim, cx_dim, params_dims, *_ = in_dims
     _, num_layers, dropout, train, *_ = options
     recurrent_dropout = options[8] if len(options) > 8 else 0.0
-    random = (dropout > 0 and num_layers > 1 or recurrent_dropout > 0) and train
+    zoneout = options[9] if len(options) > 9 else ()
+    random = (dropout > 0 and num_layers > 1 or recurrent_dropout > 0 or any(zoneout)) and train
     if random and info.randomness == "error":
         raise RuntimeError(
             "vmap: called random operation while in randomness error mode. Please either use the 'same' or "

@@ -38,6 +38,15 @@ def _with_lstm_ext_ops(native_forward):
     return forward
 
 
+def _zoneout_pair(zoneout):
+    """(z_c, z_h) from zoneout=z or (z_c, z_h)."""
+    if isinstance(zoneout, (tuple, list)):
+        if len(zoneout) != 2:
+            raise ValueError(f"lstm_ext.LSTM: zoneout must be a number or a pair (z_c, z_h), got {len(zoneout)} values")
+        return tuple(zoneout)
+    return zoneout, zoneout
+
+
 class LSTM(nn.LSTM):
     """Drop-in for :class:`torch.nn.LSTM` (same constructor, parameters and ``state_dict``).
 
@@ -53,6 +62,10 @@ class LSTM(nn.LSTM):
     ``weight_drop=p`` (training only): DropConnect on W_hh, one mask of its shape per
     layer-direction and forward call; every step uses W_hh ⊙ M / (1 - p).
 
+    ``zoneout=z`` or ``(z_c, z_h)``: c_t = d·c_{t-1} + (1 - d)·c̃_t and h_t = d'·h_{t-1} +
+    (1 - d')·h̃_t (h̃ after the projection), c̃, h̃ the cell's own new states; in training
+    d ~ Bernoulli(z_c), d' ~ Bernoulli(z_h) per step, row and unit, in eval d = z_c, d' = z_h.
+
     ``cell="..."``: any cell of :mod:`lstm_ext.cells` by name (``peephole=True`` is
     ``cell="peephole"``).
 
@@ -63,7 +76,7 @@ class LSTM(nn.LSTM):
 
     def __init__(
         self, *args, peephole: bool = False, recurrent_dropout: float = 0.0, weight_drop: float = 0.0,
-        cell: str = "lstm", **kwargs,
+        zoneout: float | tuple[float, float] = 0.0, cell: str = "lstm", **kwargs,
     ):
         if not isinstance(peephole, bool):
             raise TypeError(f"lstm_ext.LSTM: peephole must be a bool, got {type(peephole).__name__}")
@@ -72,7 +85,9 @@ class LSTM(nn.LSTM):
         cells.parameter_count(cell)  # raises ValueError for an unknown cell
         if peephole and cell != "lstm":
             raise ValueError(f"lstm_ext.LSTM: peephole=True and cell={cell!r} name two cells")
-        for name, p in (("recurrent_dropout", recurrent_dropout), ("weight_drop", weight_drop)):
+        zoneout = _zoneout_pair(zoneout)
+        probabilities = [("recurrent_dropout", recurrent_dropout), ("weight_drop", weight_drop)]
+        for name, p in probabilities + [("zoneout", z) for z in zoneout]:
             if isinstance(p, bool) or not isinstance(p, (int, float)):
                 raise TypeError(f"lstm_ext.LSTM: {name} must be a number, got {type(p).__name__}")
             if not 0 <= p <= 1:
@@ -80,6 +95,7 @@ class LSTM(nn.LSTM):
         super().__init__(*args, **kwargs)
         self.cell = "peephole" if peephole else cell
         self.recurrent_dropout, self.weight_drop = float(recurrent_dropout), float(weight_drop)
+        self.zoneout = tuple(float(z) for z in zoneout)
         if self.cell != "lstm":
             self._add_cell_parameters()
         self._init_flat_weights()
@@ -87,7 +103,7 @@ class LSTM(nn.LSTM):
     def _is_plain(self):
         """Whether the module is exactly nn.LSTM (also while nn.LSTM's __init__ runs)."""
         return not any(getattr(self, name, None) for name in ("recurrent_dropout", "weight_drop")) and (
-            getattr(self, "cell", "lstm") == "lstm"
+            getattr(self, "cell", "lstm") == "lstm" and not any(getattr(self, "zoneout", ()))
         )
 
     def _add_cell_parameters(self):
@@ -116,13 +132,14 @@ class LSTM(nn.LSTM):
         super()._init_flat_weights()
         if not self._is_plain():
             self._flat_weights = functional.CellWeights(
-                self._flat_weights, self.cell, self.recurrent_dropout, self.weight_drop
+                self._flat_weights, self.cell, self.recurrent_dropout, self.weight_drop, self.zoneout
             )
 
     def extra_repr(self):
         variant = [f"cell={self.cell}"] if self.cell != "lstm" else []
-        for name in ("recurrent_dropout", "weight_drop"):
-            variant += [f"{name}={getattr(self, name)}"] if getattr(self, name) else []
+        zoneout = self.zoneout if any(self.zoneout) else 0
+        options = dict(recurrent_dropout=self.recurrent_dropout, weight_drop=self.weight_drop, zoneout=zoneout)
+        variant += [f"{name}={value}" for name, value in options.items() if value]
         return ", ".join([super().extra_repr(), *variant])
 
 

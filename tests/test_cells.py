@@ -6,6 +6,8 @@ need nothing of lstm_ext. float64 to 1e-10, forward and every gradient.
 """
 
 import itertools
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,26 +17,30 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 import lstm_ext
 
+ROOT = Path(__file__).resolve().parent.parent
 INPUT_SIZE, HIDDEN_SIZE, PROJ_SIZE = 3, 4, 2
 SEQ_LEN, BATCH = 5, 3
 CALLS = ["hx", "no_hx", "unbatched", "packed_sorted", "packed_unsorted"]
 LENGTHS = {"packed_sorted": [5, 4, 2], "packed_unsorted": [2, 5, 4]}
 VARIANTS = {
     "peephole": dict(peephole=True),
+    "cifg": dict(cell="cifg"),
     "recurrent_dropout": dict(recurrent_dropout=0.3),
     "weight_drop": dict(weight_drop=0.4),
-    "all": dict(peephole=True, recurrent_dropout=0.5, weight_drop=0.25),
+    "zoneout": dict(zoneout=(0.3, 0.6)),
+    "all": dict(peephole=True, recurrent_dropout=0.5, weight_drop=0.25, zoneout=0.2),
 }
 
 
 # ---- the reference: the issue's math, one sequence and one step at a time ------------------------
 
 
-def reference_step(module, layer, suffix, x, h, c, masks):
-    """One step of one layer-direction on x [I], h [P], c [H]: returns (h_t, c_t). masks: the
-    layer-direction's scaled keep-masks of W_hh ("weight") and of h_{t-1} ("recurrent"), or None."""
+def reference_step(module, layer, suffix, x, h, c, masks, t):
+    """Step t of one layer-direction on x [I], h [P], c [H]: returns (h_t, c_t). masks (or None):
+    the layer-direction's scaled keep-masks of W_hh ("weight") and of h_{t-1} ("recurrent"), and
+    zoneout's shares of c_{t-1} and h_{t-1} at each step ("cell_keep", "hidden_keep")."""
     weight = lambda name: getattr(module, f"{name}_l{layer}{suffix}")  # noqa: E731
-    w_hh, h_in = weight("weight_hh"), h
+    w_hh, h_in, h_prev, c_prev = weight("weight_hh"), h, h, c
     if masks is not None:
         w_hh, h_in = w_hh * masks["weight"], h * masks["recurrent"]
     gates = weight("weight_ih") @ x + w_hh @ h_in
@@ -43,12 +49,16 @@ def reference_step(module, layer, suffix, x, h, c, masks):
     i, f, g, o = gates.chunk(4)
     if module.cell == "peephole":
         i, f = i + weight("weight_ci") * c, f + weight("weight_cf") * c
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    f = 1 - torch.sigmoid(i) if module.cell == "cifg" else torch.sigmoid(f)
+    c = f * c + torch.sigmoid(i) * torch.tanh(g)
     if module.cell == "peephole":
         o = o + weight("weight_co") * c
     h = torch.sigmoid(o) * torch.tanh(c)
     if module.proj_size:
         h = weight("weight_hr") @ h
+    if masks is not None:
+        keep_c, keep_h = masks["cell_keep"][t], masks["hidden_keep"][t]
+        c, h = keep_c * c_prev + (1 - keep_c) * c, keep_h * h_prev + (1 - keep_h) * h
     return h, c
 
 
@@ -65,7 +75,7 @@ def reference_sequence(module, x, h0, c0, masks):
             order = range(len(x) - 1, -1, -1) if direction else range(len(x))
             for t in order:
                 suffix = "_reverse" if direction else ""
-                h, c = reference_step(module, layer, suffix, x[t], h, c, masks and masks[index])
+                h, c = reference_step(module, layer, suffix, x[t], h, c, masks and masks[index], t)
                 steps[t] = h
             outputs.append(torch.stack(steps))
             hy.append(h)
@@ -79,7 +89,7 @@ def reference(module, input, hx, lengths, masks=None):
     sequence's length. masks: from draw_masks, or None."""
     outputs, hy, cy = [], [], []
     for b, length in enumerate(lengths):
-        sequence_masks = masks and [dict(weight=m["weight"], recurrent=m["recurrent"][b]) for m in masks]
+        sequence_masks = masks and [{name: mask if name == "weight" else mask[b] for name, mask in m.items()} for m in masks]
         output, h, c = reference_sequence(module, input[:length, b], hx[0][:, b], hx[1][:, b], sequence_masks)
         outputs.append(torch.nn.functional.pad(output, (0, 0, 0, input.size(0) - length)))
         hy.append(h)
@@ -87,24 +97,41 @@ def reference(module, input, hx, lengths, masks=None):
     return torch.stack(outputs, 1), torch.stack(hy, 1), torch.stack(cy, 1)
 
 
-def draw_masks(module, batch, order, dtype=torch.float64):
-    """The masks a training forward of ``module`` draws, drawn here in the documented order
-    (W_hh's per layer-direction, then recurrent dropout's per layer-direction), scaled, with
-    recurrent dropout's rows in the batch's own order: ``order[b]`` is sequence b's row in the
-    operator's (sorted) batch."""
+def draw_masks(module, lengths, order, dtype=torch.float64):
+    """What a forward of ``module`` on sequences of these lengths draws (in training, in the
+    documented order: W_hh's masks per layer-direction, then per layer-direction recurrent
+    dropout's and zoneout's) or, in eval, uses instead. Per layer-direction: "weight" [4H, P] and,
+    for each sequence b, "recurrent" [P] (scaled keep-masks), "cell_keep" [T, H] and
+    "hidden_keep" [T, P] (zoneout's shares of the previous states). ``order[b]`` is sequence b's
+    row in the operator's batch, sorted by decreasing length."""
     directions = 2 if module.bidirectional else 1
-    states, P = module.num_layers * directions, module.proj_size or module.hidden_size
+    states, H, P = module.num_layers * directions, module.hidden_size, module.proj_size or module.hidden_size
+    T, B, N = max(lengths), len(lengths), sum(lengths)
+    offsets = torch.tensor([0] + [sum(length > t for length in lengths) for t in range(T)]).cumsum(0)
+    training, (z_c, z_h) = module.training, module.zoneout
 
-    def draw(shape, p):
-        if p == 0:
+    def keep_mask(shape, p):
+        if p == 0 or not training:
             return torch.ones(shape, dtype=torch.float64)
         if p == 1:
             return torch.zeros(shape, dtype=torch.float64)
         return torch.empty(shape, dtype=dtype).bernoulli_(1 - p).double() / (1 - p)
 
-    weights = [draw((4 * module.hidden_size, P), module.weight_drop) for _ in range(states)]
-    recurrent = [draw((batch, P), module.recurrent_dropout)[order] for _ in range(states)]
-    return [dict(weight=w, recurrent=r) for w, r in zip(weights, recurrent)]
+    def per_sequence(packed_rows):  # [N, *] in the operator's row order -> [B, T, *]
+        return torch.stack([packed_rows[(offsets[:-1] + order[b]).clamp(max=N - 1)] for b in range(B)])
+
+    weights = [keep_mask((4 * H, P), module.weight_drop) for _ in range(states)]
+    masks = []
+    for weight in weights:
+        recurrent = keep_mask((B, P), module.recurrent_dropout)[order]
+        if training and (z_c or z_h):
+            cell_keep = torch.empty(N, H, dtype=dtype).bernoulli_(z_c).double()
+            hidden_keep = torch.empty(N, P, dtype=dtype).bernoulli_(z_h).double()
+        else:
+            cell_keep, hidden_keep = torch.full((N, H), z_c, dtype=torch.float64), torch.full((N, P), z_h, dtype=torch.float64)
+        masks.append(dict(weight=weight, recurrent=recurrent, cell_keep=per_sequence(cell_keep),
+                          hidden_keep=per_sequence(hidden_keep)))
+    return masks
 
 
 # ---- running the module as a user would --------------------------------------------------------
@@ -136,7 +163,7 @@ def run_both(module, call, dtype=torch.float64, seed=11):
         if run == "reference":
             torch.manual_seed(seed)
             order = torch.argsort(torch.tensor(lengths), descending=True, stable=True).argsort()
-            masks = draw_masks(module, x.size(1), order) if module.training else None
+            masks = draw_masks(module, lengths, order)
             output, h_n, c_n = reference(module, x, (h, c), lengths, masks)
             if call in LENGTHS:
                 output = pack_padded_sequence(output, lengths, enforce_sorted=False).data
@@ -199,7 +226,7 @@ def test_float32_and_threads_match_reference_loop(variant, threads):
         expected_input = input.detach().double().requires_grad_()
         zeros = torch.zeros(4, 16, 64, dtype=torch.float64)
         torch.manual_seed(5)
-        masks = draw_masks(expected, 16, torch.arange(16), torch.float32)
+        masks = draw_masks(expected, [20] * 16, torch.arange(16), torch.float32)
         ref = reference(expected, expected_input, (zeros, zeros), [20] * 16, masks)
         expected_grads = torch.autograd.grad(weighted_sum_loss(ref), [expected_input, *expected.parameters()])
         compare((output, h_n, c_n), tuple(t.float() for t in ref))
@@ -274,7 +301,7 @@ def test_jvp_matches_reference_loop(variant):
             state = dict(zip(names, params))
             torch.manual_seed(7)
             if use_reference:
-                masks = draw_masks(module, 2, torch.arange(2))
+                masks = draw_masks(module, [SEQ_LEN] * 2, torch.arange(2))
                 with torch.nn.utils.stateless._reparametrize_module(module, state):
                     return reference(module, input, (h0, c0), [SEQ_LEN] * 2, masks)
             output, (h_n, c_n) = torch.func.functional_call(module, state, (input, (h0, c0)))
@@ -358,7 +385,7 @@ def test_module_moves_with_its_cell_parameters():
 def test_unknown_cell_raises():
     input, h0, c0 = torch.randn(2, 1, 3), torch.zeros(1, 1, 4), torch.zeros(1, 1, 4)
     params = [torch.randn(16, 3), torch.randn(16, 4)]
-    with pytest.raises(RuntimeError, match="unknown cell 'nope'; the cells are lstm, peephole"):
+    with pytest.raises(RuntimeError, match="unknown cell 'nope'; the cells are lstm, peephole, cifg"):
         lstm_ext.lstm(input, (h0, c0), params, False, 1, 0.0, False, False, False, cell="nope")
 
 
@@ -456,3 +483,68 @@ def test_invalid_cell_raises_at_construction():
         lstm_ext.LSTM(3, 4, cell="nope")
     with pytest.raises(TypeError, match="cell must be a str"):
         lstm_ext.LSTM(3, 4, cell=1)
+
+
+# ---- the guide, "Writing your own cell" (README) ------------------------------------------------
+
+
+def test_guides_example_is_the_code_the_extension_is_built_from():
+    """The guide's C++ is verbatim in csrc/cells.h (so cell="cifg", tested against its math with
+    every other variant above, is the guide's example), and its line count is the one it states."""
+    guide = (ROOT / "README.md").read_text().split("## Writing your own cell")[1].split("\n## ")[0]
+    cells_h = (ROOT / "csrc" / "cells.h").read_text()
+    struct, registration = re.findall(r"```cpp\n(.*?)```", guide, re.S)
+    assert "struct CIFGCell" in struct
+    assert struct in cells_h
+    assert registration in cells_h
+    assert f"{len(struct.splitlines())} lines of C++" in " ".join(guide.split())
+    assert '"cifg": ()' in (ROOT / "lstm_ext" / "cells.py").read_text()
+
+
+# ---- zoneout -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("call", ["hx", "packed_unsorted"])
+@pytest.mark.parametrize("config", [dict(num_layers=1), dict(num_layers=2, bidirectional=True, proj_size=PROJ_SIZE)])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_eval_matches_reference_loop(variant, config, call):
+    """In eval, zoneout's formula with its constants; the dropouts off."""
+    module = make_module(variant, **config).eval()
+    (outputs, grads), (expected_outputs, expected_grads) = run_both(module, call)
+    compare(outputs, expected_outputs, msg="(output, h_n, c_n)")
+    compare(grads, expected_grads, msg="grads")
+
+
+def test_zoneout_one_freezes_the_state():
+    module = lstm_ext.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, zoneout=1.0).double()
+    input = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, dtype=torch.float64)
+    h0, c0 = (torch.randn(2, BATCH, HIDDEN_SIZE, dtype=torch.float64) for _ in range(2))
+    for mode in (module.train, module.eval):
+        mode()
+        output, (h_n, c_n) = module(input, (h0, c0))
+        assert torch.equal(h_n, h0) and torch.equal(c_n, c0)
+        assert torch.equal(output, h0[1].expand_as(output))
+
+
+@pytest.mark.parametrize("z_c, z_h", [(0.3, 0.7), (0.8, 0.1)])
+def test_zoneout_keeps_each_unit_with_its_probability(z_c, z_h):
+    """In training, the fraction of units whose state stays from one step to the next."""
+    torch.manual_seed(0)
+    module = lstm_ext.LSTM(8, 64, zoneout=(z_c, z_h)).double()
+    input = torch.randn(40, 64, 8, dtype=torch.float64)
+    output, _ = module(input)
+    kept_h = (output[1:] == output[:-1]).double().mean().item()
+    assert abs(kept_h - z_h) < 0.01
+    # c is not returned per step: a one-step run from a known c0, many times over.
+    c0 = torch.randn(1, 4096, 64, dtype=torch.float64)
+    _, (_, c_1) = module(torch.randn(1, 4096, 8, dtype=torch.float64), (torch.zeros_like(c0), c0))
+    assert abs((c_1 == c0).double().mean().item() - z_c) < 0.01
+
+
+@pytest.mark.parametrize(
+    "value, error",
+    [(-0.1, ValueError), ((0.1, 1.2), ValueError), ((0.1, 0.2, 0.3), ValueError), ("0.5", TypeError), ((0.1, None), TypeError)],
+)
+def test_invalid_zoneout_raises_at_construction(value, error):
+    with pytest.raises(error, match="zoneout"):
+        lstm_ext.LSTM(3, 4, zoneout=value)
