@@ -128,15 +128,23 @@ def lstm_cell(
     w_hh: Tensor,
     b_ih: Tensor | None = None,
     b_hh: Tensor | None = None,
+    *,
+    train: bool = False,
+    **variant,
 ) -> tuple[Tensor, Tensor]:
-    """Drop-in for ``torch.lstm_cell``: one step on ``[B, I]``, returns ``(h_1, c_1)``."""
+    """Drop-in for ``torch.lstm_cell``: one step on ``[B, I]``, returns ``(h_1, c_1)``.
+
+    Keyword-only: a variant's ``cell``, ``cell_params`` and ``zoneout``, as :func:`lstm`'s, and
+    ``train`` (zoneout's masks, else its constants)."""
     h0, c0 = _unpack_hidden(hx, "lstm_cell")
     _check_cell_args(input, h0, c0, w_ih, w_hh)
     has_biases = b_ih is not None
     if has_biases != (b_hh is not None):
         raise RuntimeError("lstm_ext.lstm_cell: b_ih and b_hh must both be given or both be None")
     params = [w_ih, w_hh, b_ih, b_hh] if has_biases else [w_ih, w_hh]
-    _, hy, cy = _forward(input.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), params, has_biases, 1, 0.0, False, False)
+    params, cell_args = _variant_args(params, train, 1, False, **variant)
+    step = (input.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), params, has_biases, 1, 0.0, train, False)
+    _, hy, cy = _forward(*step, cell_args)
     return hy[0], cy[0]
 
 

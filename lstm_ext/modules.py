@@ -12,6 +12,7 @@ after each layer-direction's native ones, in ``_flat_weights`` too, which then i
 :func:`functional.lstm` as it is.
 """
 
+import functools
 import math
 import types
 
@@ -24,11 +25,11 @@ from . import cells, functional
 _VF = types.SimpleNamespace(lstm=functional.lstm, lstm_cell=functional.lstm_cell)
 
 
-def _with_lstm_ext_ops(native_forward):
-    """``native_forward``'s code, calling lstm_ext where it called ``torch._VF``."""
+def _with_lstm_ext_ops(native_forward, ops=_VF):
+    """``native_forward``'s code, calling ``ops`` (lstm_ext's) where it called ``torch._VF``."""
     forward = types.FunctionType(
         native_forward.__code__,
-        {**vars(_native_rnn), "_VF": _VF},
+        {**vars(_native_rnn), "_VF": ops},
         native_forward.__name__,
         native_forward.__defaults__,
         native_forward.__closure__,
@@ -36,15 +37,36 @@ def _with_lstm_ext_ops(native_forward):
     forward.__doc__ = native_forward.__doc__
     forward.__qualname__ = native_forward.__qualname__
     return forward
+def _variant_options(module, peephole=False, cell="lstm", recurrent_dropout=0.0, weight_drop=0.0, zoneout=0.0):
+    """The variant options, checked: (cell, recurrent_dropout, weight_drop, (z_c, z_h))."""
+    if not isinstance(peephole, bool):
+        raise TypeError(f"lstm_ext.{module}: peephole must be a bool, got {type(peephole).__name__}")
+    if not isinstance(cell, str):
+        raise TypeError(f"lstm_ext.{module}: cell must be a str, got {type(cell).__name__}")
+    cells.parameter_count(cell)  # raises ValueError for an unknown cell
+    if peephole and cell != "lstm":
+        raise ValueError(f"lstm_ext.{module}: peephole=True and cell={cell!r} name two cells")
+    if isinstance(zoneout, (tuple, list)) and len(zoneout) != 2:
+        raise ValueError(f"lstm_ext.{module}: zoneout must be a number or a pair (z_c, z_h), got {len(zoneout)} values")
+    zoneout = tuple(zoneout) if isinstance(zoneout, (tuple, list)) else (zoneout, zoneout)
+    probabilities = [("recurrent_dropout", recurrent_dropout), ("weight_drop", weight_drop)]
+    for name, p in probabilities + [("zoneout", z) for z in zoneout]:
+        if isinstance(p, bool) or not isinstance(p, (int, float)):
+            raise TypeError(f"lstm_ext.{module}: {name} must be a number, got {type(p).__name__}")
+        if not 0 <= p <= 1:
+            raise ValueError(f"lstm_ext.{module}: {name} must be in [0, 1], got {p}")
+    return "peephole" if peephole else cell, float(recurrent_dropout), float(weight_drop), tuple(map(float, zoneout))
 
 
-def _zoneout_pair(zoneout):
-    """(z_c, z_h) from zoneout=z or (z_c, z_h)."""
-    if isinstance(zoneout, (tuple, list)):
-        if len(zoneout) != 2:
-            raise ValueError(f"lstm_ext.LSTM: zoneout must be a number or a pair (z_c, z_h), got {len(zoneout)} values")
-        return tuple(zoneout)
-    return zoneout, zoneout
+def _cell_parameter(module, init):
+    """A new [hidden_size] parameter, like the module's weights: drawn as nn.LSTM draws them, or
+    filled with ``init``."""
+    like = module.weight_hh_l0 if isinstance(module, nn.LSTM) else module.weight_hh
+    value = torch.empty(module.hidden_size, dtype=like.dtype, device=like.device)
+    bound = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0
+    with torch.no_grad():
+        value.uniform_(-bound, bound) if init is None else value.fill_(init)
+    return nn.Parameter(value)
 
 
 class LSTM(nn.LSTM):
@@ -78,24 +100,9 @@ class LSTM(nn.LSTM):
         self, *args, peephole: bool = False, recurrent_dropout: float = 0.0, weight_drop: float = 0.0,
         zoneout: float | tuple[float, float] = 0.0, cell: str = "lstm", **kwargs,
     ):
-        if not isinstance(peephole, bool):
-            raise TypeError(f"lstm_ext.LSTM: peephole must be a bool, got {type(peephole).__name__}")
-        if not isinstance(cell, str):
-            raise TypeError(f"lstm_ext.LSTM: cell must be a str, got {type(cell).__name__}")
-        cells.parameter_count(cell)  # raises ValueError for an unknown cell
-        if peephole and cell != "lstm":
-            raise ValueError(f"lstm_ext.LSTM: peephole=True and cell={cell!r} name two cells")
-        zoneout = _zoneout_pair(zoneout)
-        probabilities = [("recurrent_dropout", recurrent_dropout), ("weight_drop", weight_drop)]
-        for name, p in probabilities + [("zoneout", z) for z in zoneout]:
-            if isinstance(p, bool) or not isinstance(p, (int, float)):
-                raise TypeError(f"lstm_ext.LSTM: {name} must be a number, got {type(p).__name__}")
-            if not 0 <= p <= 1:
-                raise ValueError(f"lstm_ext.LSTM: {name} must be in [0, 1], got {p}")
+        options = _variant_options("LSTM", peephole, cell, recurrent_dropout, weight_drop, zoneout)
         super().__init__(*args, **kwargs)
-        self.cell = "peephole" if peephole else cell
-        self.recurrent_dropout, self.weight_drop = float(recurrent_dropout), float(weight_drop)
-        self.zoneout = tuple(float(z) for z in zoneout)
+        self.cell, self.recurrent_dropout, self.weight_drop, self.zoneout = options
         if self.cell != "lstm":
             self._add_cell_parameters()
         self._init_flat_weights()
@@ -109,22 +116,15 @@ class LSTM(nn.LSTM):
     def _add_cell_parameters(self):
         """Registers the cell's parameters after each layer-direction's native ones (state_dict
         order), drawn layer-direction by layer-direction in cells.PARAMETERS' order."""
-        like = self.weight_hh_l0
-        bound = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        native = dict(self._parameters)
-        self._parameters.clear()
-        all_weights = []
+        ordered, all_weights = {}, []
         for names in self._all_weights:
             suffix = names[0][len("weight_ih") :]
-            extra = []
-            for name, init in cells.PARAMETERS[self.cell]:
-                value = torch.empty(self.hidden_size, dtype=like.dtype, device=like.device)
-                with torch.no_grad():
-                    value.uniform_(-bound, bound) if init is None else value.fill_(init)
-                extra.append((name + suffix, nn.Parameter(value)))
-            self._parameters.update({name: native[name] for name in names})
-            self._parameters.update(extra)
+            extra = [(name + suffix, _cell_parameter(self, init)) for name, init in cells.PARAMETERS[self.cell]]
+            ordered.update({name: self._parameters[name] for name in names})
+            ordered.update(extra)
             all_weights.append([*names, *(name for name, _ in extra)])
+        self._parameters.clear()
+        self._parameters.update(ordered)
         self._all_weights = all_weights
         self._flat_weights_names = [name for names in all_weights for name in names]
 
@@ -144,6 +144,36 @@ class LSTM(nn.LSTM):
 
 
 class LSTMCell(nn.LSTMCell):
-    """Drop-in for :class:`torch.nn.LSTMCell`."""
+    """Drop-in for :class:`torch.nn.LSTMCell`.
+
+    Keyword-only variants, as :class:`LSTM`'s, off by default: ``peephole=True`` (parameters
+    ``weight_ci``, ``weight_cf``, ``weight_co`` [hidden_size], after the native ones),
+    ``zoneout=z`` or ``(z_c, z_h)`` (masks drawn at each call in training) and ``cell="..."``.
+    """
 
     forward = _with_lstm_ext_ops(nn.LSTMCell.forward)
+
+    def __init__(self, *args, peephole: bool = False, zoneout: float | tuple[float, float] = 0.0, cell: str = "lstm",
+                 **kwargs):
+        options = _variant_options("LSTMCell", peephole, cell, zoneout=zoneout)
+        super().__init__(*args, **kwargs)
+        self.cell, _, _, self.zoneout = options
+        for name, init in cells.PARAMETERS[self.cell]:
+            self.register_parameter(name, _cell_parameter(self, init))
+        if self.cell != "lstm" or any(self.zoneout):
+            self.forward = types.MethodType(_variant_cell_forward, self)
+
+    def extra_repr(self):
+        variant = [f"cell={self.cell}"] if self.cell != "lstm" else []
+        variant += [f"zoneout={self.zoneout}"] if any(self.zoneout) else []
+        return ", ".join([super().extra_repr(), *variant])
+
+
+def _variant_cell_forward(self, input, hx=None):
+    """nn.LSTMCell's forward code, calling lstm_cell with the module's variant."""
+    cell_params = [getattr(self, name) for name, _ in cells.PARAMETERS[self.cell]]
+    lstm_cell = functools.partial(
+        functional.lstm_cell, cell=self.cell, cell_params=cell_params, zoneout=self.zoneout, train=self.training
+    )
+    forward = _with_lstm_ext_ops(nn.LSTMCell.forward, types.SimpleNamespace(lstm_cell=lstm_cell))
+    return forward(self, input, hx)

@@ -5,8 +5,10 @@ parameters: dense, packed (sorted or not), both directions, projections and stac
 need nothing of lstm_ext. float64 to 1e-10, forward and every gradient.
 """
 
+import copy
 import itertools
 import re
+import types
 from pathlib import Path
 
 import pytest
@@ -548,3 +550,70 @@ def test_zoneout_keeps_each_unit_with_its_probability(z_c, z_h):
 def test_invalid_zoneout_raises_at_construction(value, error):
     with pytest.raises(error, match="zoneout"):
         lstm_ext.LSTM(3, 4, zoneout=value)
+
+
+# ---- lstm_ext.LSTMCell's variants: one step -------------------------------------------------------
+
+CELL_VARIANTS = {
+    "peephole": dict(peephole=True),
+    "cifg": dict(cell="cifg"),
+    "zoneout": dict(zoneout=(0.3, 0.6)),
+    "peephole+zoneout": dict(peephole=True, zoneout=0.4),
+}
+
+
+def reference_cell_step(cell, x, h, c):
+    """One step of an LSTMCell through reference_step, row by row, with zoneout's masks drawn as
+    the operator draws them (c's [B, H], then h's) or its constants in eval."""
+    names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh", *(name for name, _ in lstm_ext.cells.PARAMETERS[cell.cell])]
+    as_layer = types.SimpleNamespace(cell=cell.cell, bias=cell.bias, proj_size=0)
+    for name in names:
+        setattr(as_layer, f"{name}_l0", getattr(cell, name))
+    z_c, z_h = cell.zoneout
+    if cell.training and (z_c or z_h):
+        keep_c, keep_h = torch.empty_like(c).bernoulli_(z_c), torch.empty_like(h).bernoulli_(z_h)
+    else:
+        keep_c, keep_h = torch.full_like(c, z_c), torch.full_like(h, z_h)
+    rows = []
+    for b in range(x.size(0)):
+        masks = dict(weight=1, recurrent=1, cell_keep=keep_c[b : b + 1], hidden_keep=keep_h[b : b + 1])
+        rows.append(reference_step(as_layer, 0, "", x[b], h[b], c[b], masks, 0))
+    return tuple(torch.stack(parts) for parts in zip(*rows))
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("variant", CELL_VARIANTS)
+def test_lstm_cell_matches_reference_step(variant, train, bias):
+    torch.manual_seed(0)
+    cell = lstm_ext.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, bias=bias, **CELL_VARIANTS[variant]).double().train(train)
+    inputs = [torch.randn(BATCH, size, dtype=torch.float64) for size in (INPUT_SIZE, HIDDEN_SIZE, HIDDEN_SIZE)]
+    results = []
+    for step in (lambda x, h, c: cell(x, (h, c)), lambda x, h, c: reference_cell_step(cell, x, h, c)):
+        x, h, c = leaves = [t.clone().requires_grad_() for t in inputs]
+        torch.manual_seed(4)
+        outputs = step(x, h, c)
+        results.append((outputs, torch.autograd.grad(weighted_sum_loss(outputs), [*leaves, *cell.parameters()])))
+    compare(results[0], results[1])
+
+
+def test_lstm_cell_variant_parameters_state_dict_and_copies():
+    cell = lstm_ext.LSTMCell(3, 4, peephole=True, zoneout=0.25).double().eval()
+    assert list(cell.state_dict()) == ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ci", "weight_cf", "weight_co"]
+    twin = copy.deepcopy(cell)
+    with torch.no_grad():
+        twin.weight_co.add_(1)
+    x = torch.randn(2, 3, dtype=torch.float64)
+    assert not torch.equal(twin(x)[0], cell(x)[0])  # the copy's forward reads the copy's parameters
+    plain = lstm_ext.LSTMCell(3, 4)
+    assert list(plain.state_dict()) == list(torch.nn.LSTMCell(3, 4).state_dict())
+    assert "forward" not in vars(plain)
+
+
+def test_lstm_cell_variant_takes_unbatched_input_and_no_hx():
+    cell = lstm_ext.LSTMCell(3, 4, peephole=True, zoneout=0.25).double().eval()
+    x = torch.randn(3, dtype=torch.float64)
+    h1, c1 = cell(x)
+    zeros = torch.zeros(1, 4, dtype=torch.float64)
+    expected = cell(x[None], (zeros, zeros))
+    compare((h1, c1), (expected[0][0], expected[1][0]))
