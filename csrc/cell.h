@@ -340,6 +340,37 @@ struct CellPointwise {
   static void forward(int64_t rows, int64_t H, UnitSlice units, scalar_t* gates, scalar_t* cell,
                       Matrix<scalar_t> hidden, Matrix<scalar_t> hidden_copy, StepSaved<scalar_t> saved,
                       const WeightData<scalar_t>& weights, Matrix<const scalar_t> cell_keep) {
+    // Zoneout's pass is another instantiation: the one without keeps the plain loop's code.
+    if (cell_keep.data) {
+      forward_rows<scalar_t, true>(rows, H, units, gates, cell, hidden, hidden_copy, saved, weights, cell_keep);
+    } else {
+      forward_rows<scalar_t, false>(rows, H, units, gates, cell, hidden, hidden_copy, saved, weights, cell_keep);
+    }
+  }
+
+  // Backward twin of forward. dhidden [rows, ld] is dL/dh_t (before the projection); dcell
+  // [rows, H] is dL/dc_t from later steps on entry and dL/dc_{t-1} on exit. Writes
+  // dL/d(pre-activation gates) into dgates [rows, 4H] and adds the extra weights' gradients of
+  // these rows into grad_weights [K, H] (opmath). cell_keep: the forward's.
+  template <typename scalar_t>
+  static void backward(int64_t rows, int64_t H, UnitSlice units, Matrix<const scalar_t> dhidden, scalar_t* dcell,
+                       const scalar_t* gates, const scalar_t* tanh_cell, const scalar_t* cell_prev, scalar_t* dgates,
+                       const WeightData<scalar_t>& weights, at::opmath_type<scalar_t>* grad_weights,
+                       Matrix<const scalar_t> cell_keep) {
+    if (cell_keep.data) {
+      backward_rows<scalar_t, true>(rows, H, units, dhidden, dcell, gates, tanh_cell, cell_prev, dgates, weights,
+                                    grad_weights, cell_keep);
+    } else {
+      backward_rows<scalar_t, false>(rows, H, units, dhidden, dcell, gates, tanh_cell, cell_prev, dgates, weights,
+                                     grad_weights, cell_keep);
+    }
+  }
+
+ private:
+  template <typename scalar_t, bool kZoneout>
+  static void forward_rows(int64_t rows, int64_t H, UnitSlice units, scalar_t* gates, scalar_t* cell,
+                           Matrix<scalar_t> hidden, Matrix<scalar_t> hidden_copy, StepSaved<scalar_t> saved,
+                           const WeightData<scalar_t>& weights, Matrix<const scalar_t> cell_keep) {
     for (int64_t r = 0; r < rows; ++r) {
       scalar_t* g = gates + r * 4 * H;
       scalar_t* c = cell + r * H;
@@ -362,7 +393,7 @@ struct CellPointwise {
           v.f.store(g + H + j, n);
           v.z.store(g + 2 * H + j, n);
           v.o.store(g + 3 * H + j, n);
-          if (keep) {
+          if constexpr (kZoneout) {
             const Vec k = Vec::loadu(keep + j, n);
             at::vec::fmadd(k, c_prev, (Vec(1) - k) * v.cell).store(c + j, n);
           } else {
@@ -387,7 +418,11 @@ struct CellPointwise {
           g[H + j] = v.f;
           g[2 * H + j] = v.z;
           g[3 * H + j] = v.o;
-          c[j] = keep ? opmath_t(keep[j]) * c_prev + (opmath_t(1) - opmath_t(keep[j])) * v.cell : v.cell;
+          if constexpr (kZoneout) {
+            c[j] = opmath_t(keep[j]) * c_prev + (opmath_t(1) - opmath_t(keep[j])) * v.cell;
+          } else {
+            c[j] = v.cell;
+          }
           h[j] = v.hidden;
           if (h2) h2[j] = v.hidden;
           if (tanh_c_out) {
@@ -399,15 +434,11 @@ struct CellPointwise {
     }
   }
 
-  // Backward twin of forward. dhidden [rows, ld] is dL/dh_t (before the projection); dcell
-  // [rows, H] is dL/dc_t from later steps on entry and dL/dc_{t-1} on exit. Writes
-  // dL/d(pre-activation gates) into dgates [rows, 4H] and adds the extra weights' gradients of
-  // these rows into grad_weights [K, H] (opmath). cell_keep: the forward's.
-  template <typename scalar_t>
-  static void backward(int64_t rows, int64_t H, UnitSlice units, Matrix<const scalar_t> dhidden, scalar_t* dcell,
-                       const scalar_t* gates, const scalar_t* tanh_cell, const scalar_t* cell_prev, scalar_t* dgates,
-                       const WeightData<scalar_t>& weights, at::opmath_type<scalar_t>* grad_weights,
-                       Matrix<const scalar_t> cell_keep) {
+  template <typename scalar_t, bool kZoneout>
+  static void backward_rows(int64_t rows, int64_t H, UnitSlice units, Matrix<const scalar_t> dhidden, scalar_t* dcell,
+                            const scalar_t* gates, const scalar_t* tanh_cell, const scalar_t* cell_prev,
+                            scalar_t* dgates, const WeightData<scalar_t>& weights,
+                            at::opmath_type<scalar_t>* grad_weights, Matrix<const scalar_t> cell_keep) {
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* g = gates + r * 4 * H;
       const scalar_t* dh = dhidden.data + r * dhidden.ld;
@@ -425,13 +456,14 @@ struct CellPointwise {
           const Saved<Vec> s{Vec::loadu(g + j, n),     Vec::loadu(g + H + j, n), Vec::loadu(g + 2 * H + j, n),
                              Vec::loadu(g + 3 * H + j, n), Vec::loadu(tc + j, n),   Vec::loadu(cp + j, n)};
           // With zoneout, dL/dc_t splits into its shares through c̃_t and straight to c_{t-1}.
-          const Vec dc_t = Vec::loadu(dc + j, n), k = keep ? Vec::loadu(keep + j, n) : Vec(0);
-          const auto d = Cell::template backward<Vec>(s, w, Vec::loadu(dh + j, n), keep ? (Vec(1) - k) * dc_t : dc_t);
+          const Vec dc_t = Vec::loadu(dc + j, n), k = kZoneout ? Vec::loadu(keep + j, n) : Vec(0);
+          const auto d =
+              Cell::template backward<Vec>(s, w, Vec::loadu(dh + j, n), kZoneout ? (Vec(1) - k) * dc_t : dc_t);
           d.pre.i.store(dg + j, n);
           d.pre.f.store(dg + H + j, n);
           d.pre.g.store(dg + 2 * H + j, n);
           d.pre.o.store(dg + 3 * H + j, n);
-          (keep ? at::vec::fmadd(k, dc_t, d.cell_prev) : d.cell_prev).store(dc + j, n);
+          (kZoneout ? at::vec::fmadd(k, dc_t, d.cell_prev) : d.cell_prev).store(dc + j, n);
           for (int k = 0; k < K; ++k) {
             opmath_t* grad = grad_weights + k * H + j;
             (Vec::loadu(grad, n) + d.weights[k]).store(grad, n);
@@ -442,18 +474,19 @@ struct CellPointwise {
           typename Cell::template Weights<opmath_t> w;
           for (int k = 0; k < K; ++k) w[k] = weights[k][j];
           const Saved<opmath_t> s{g[j], g[H + j], g[2 * H + j], g[3 * H + j], tc[j], cp[j]};
-          const opmath_t dc_t = dc[j], k = keep ? opmath_t(keep[j]) : opmath_t(0);
-          const auto d = Cell::template backward<opmath_t>(s, w, dh[j], keep ? (opmath_t(1) - k) * dc_t : dc_t);
+          const opmath_t dc_t = dc[j], k = kZoneout ? opmath_t(keep[j]) : opmath_t(0);
+          const auto d = Cell::template backward<opmath_t>(s, w, dh[j], kZoneout ? (opmath_t(1) - k) * dc_t : dc_t);
           dg[j] = d.pre.i;
           dg[H + j] = d.pre.f;
           dg[2 * H + j] = d.pre.g;
           dg[3 * H + j] = d.pre.o;
-          dc[j] = keep ? k * dc_t + d.cell_prev : d.cell_prev;
+          dc[j] = kZoneout ? k * dc_t + d.cell_prev : d.cell_prev;
           for (int k = 0; k < K; ++k) grad_weights[k * H + j] += d.weights[k];
         }
       }
     }
   }
+
 };
 
 // gates[:, gate columns of units] += h · W_hh[rows of units]ᵀ, for h [rows, P]: one product
