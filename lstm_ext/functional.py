@@ -113,8 +113,8 @@ def _variant_args(
         per_cell = len(params) // layer_directions
         for index in range(1, len(params), per_cell):  # W_hh, the second weight of each layer-direction
             w_hh = params[index]
-            mask = torch.zeros_like(w_hh) if weight_drop == 1 else torch.empty_like(w_hh).bernoulli_(1 - weight_drop)
-            params[index] = w_hh * (mask if weight_drop == 1 else mask / (1 - weight_drop))
+            keep = torch.zeros_like(w_hh) if weight_drop == 1 else torch.empty_like(w_hh).bernoulli_(1 - weight_drop)
+            params[index] = w_hh * (keep if weight_drop == 1 else keep / (1 - weight_drop))
     zoneout = [float(z) for z in ((zoneout, zoneout) if isinstance(zoneout, (int, float)) else zoneout)]
     if cell == "lstm" and not cell_params and not (recurrent_dropout > 0 and train) and not any(zoneout):
         return params, ()

@@ -14,6 +14,7 @@ sys.path.insert(0, str(BENCHMARKS))
 
 import bench  # noqa: E402  (needs the path above)
 import bench_autodiff  # noqa: E402
+import bench_cells  # noqa: E402
 
 ROW_FIELDS = {"name", "dims", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional",
               "packed", "tokens", "gflop", "status", "error", "max_rel_error", "time_ms",
@@ -57,3 +58,10 @@ def test_tiny_autodiff_benchmark_checks_every_row(tmp_path):
     assert status == 0 and not failed, failed
     assert {r["row"] for r in rows} == {"gradient_penalty", "jvp", "vmap_inputs", "ensemble"}
     assert all(r["ratios"] and "lstm_ext" in r["time_ms"] for r in rows)
+
+
+def test_cell_variant_benchmark_runs_every_variant():
+    rows = bench_cells.main(["--shapes", "4,3,8", "--repeats", "1"])
+    expected = {(variant, train) for variant in bench_cells.VARIANTS for train in (False, True)}
+    assert {(r["variant"], r["train"]) for r in rows} == expected
+    assert all(set(r["ms"]) == {"lstm_ext", "plain", "loop"} for r in rows)

@@ -91,7 +91,8 @@ def reference(module, input, hx, lengths, masks=None):
     sequence's length. masks: from draw_masks, or None."""
     outputs, hy, cy = [], [], []
     for b, length in enumerate(lengths):
-        sequence_masks = masks and [{name: mask if name == "weight" else mask[b] for name, mask in m.items()} for m in masks]
+        # "weight" is per layer-direction, the others per sequence.
+        sequence_masks = masks and [{name: m[name] if name == "weight" else m[name][b] for name in m} for m in masks]
         output, h, c = reference_sequence(module, input[:length, b], hx[0][:, b], hx[1][:, b], sequence_masks)
         outputs.append(torch.nn.functional.pad(output, (0, 0, 0, input.size(0) - length)))
         hy.append(h)
@@ -130,7 +131,8 @@ def draw_masks(module, lengths, order, dtype=torch.float64):
             cell_keep = torch.empty(N, H, dtype=dtype).bernoulli_(z_c).double()
             hidden_keep = torch.empty(N, P, dtype=dtype).bernoulli_(z_h).double()
         else:
-            cell_keep, hidden_keep = torch.full((N, H), z_c, dtype=torch.float64), torch.full((N, P), z_h, dtype=torch.float64)
+            cell_keep = torch.full((N, H), z_c, dtype=torch.float64)
+            hidden_keep = torch.full((N, P), z_h, dtype=torch.float64)
         masks.append(dict(weight=weight, recurrent=recurrent, cell_keep=per_sequence(cell_keep),
                           hidden_keep=per_sequence(hidden_keep)))
     return masks
@@ -545,7 +547,8 @@ def test_zoneout_keeps_each_unit_with_its_probability(z_c, z_h):
 
 @pytest.mark.parametrize(
     "value, error",
-    [(-0.1, ValueError), ((0.1, 1.2), ValueError), ((0.1, 0.2, 0.3), ValueError), ("0.5", TypeError), ((0.1, None), TypeError)],
+    [(-0.1, ValueError), ((0.1, 1.2), ValueError), ((0.1, 0.2, 0.3), ValueError), ("0.5", TypeError),
+     ((0.1, None), TypeError)],
 )
 def test_invalid_zoneout_raises_at_construction(value, error):
     with pytest.raises(error, match="zoneout"):
@@ -565,7 +568,8 @@ CELL_VARIANTS = {
 def reference_cell_step(cell, x, h, c):
     """One step of an LSTMCell through reference_step, row by row, with zoneout's masks drawn as
     the operator draws them (c's [B, H], then h's) or its constants in eval."""
-    names = ["weight_ih", "weight_hh", "bias_ih", "bias_hh", *(name for name, _ in lstm_ext.cells.PARAMETERS[cell.cell])]
+    native = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+    names = [*native, *(name for name, _ in lstm_ext.cells.PARAMETERS[cell.cell])]
     as_layer = types.SimpleNamespace(cell=cell.cell, bias=cell.bias, proj_size=0)
     for name in names:
         setattr(as_layer, f"{name}_l0", getattr(cell, name))
@@ -599,7 +603,8 @@ def test_lstm_cell_matches_reference_step(variant, train, bias):
 
 def test_lstm_cell_variant_parameters_state_dict_and_copies():
     cell = lstm_ext.LSTMCell(3, 4, peephole=True, zoneout=0.25).double().eval()
-    assert list(cell.state_dict()) == ["weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_ci", "weight_cf", "weight_co"]
+    native = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
+    assert list(cell.state_dict()) == [*native, "weight_ci", "weight_cf", "weight_co"]
     twin = copy.deepcopy(cell)
     with torch.no_grad():
         twin.weight_co.add_(1)
