@@ -622,3 +622,26 @@ def test_lstm_cell_variant_takes_unbatched_input_and_no_hx():
     zeros = torch.zeros(1, 4, dtype=torch.float64)
     expected = cell(x[None], (zeros, zeros))
     compare((h1, c1), (expected[0][0], expected[1][0]))
+
+
+# ---- export and ensembles ----------------------------------------------------------------------
+
+
+def test_exported_variant_matches_eager():
+    module = lstm_ext.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, peephole=True, zoneout=0.2).double().eval()
+    input = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, dtype=torch.float64)
+    exported = torch.export.export(module, (input,))
+    new_input = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, dtype=torch.float64)
+    compare(exported.module()(new_input), module(new_input))
+
+
+def test_ensemble_vmap_over_variant_parameters_matches_a_loop():
+    torch.manual_seed(0)
+    models = [lstm_ext.LSTM(INPUT_SIZE, HIDDEN_SIZE, peephole=True).double().eval() for _ in range(3)]
+    params, buffers = torch.func.stack_module_state(models)
+    input = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE, dtype=torch.float64)
+
+    def run(params, buffers):
+        return torch.func.functional_call(models[0], (params, buffers), (input,))[0]
+
+    compare(torch.vmap(run)(params, buffers), torch.stack([model(input)[0] for model in models]))
