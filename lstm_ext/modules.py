@@ -9,7 +9,7 @@ and ``repr`` are inherited. So the module matches native by construction, not by
 
 import types
 
-from torch import nn
+from torch import nn, serialization
 from torch.nn.modules import rnn as _native_rnn
 
 from . import functional
@@ -41,3 +41,8 @@ class LSTMCell(nn.LSTMCell):
     """Drop-in for :class:`torch.nn.LSTMCell`."""
 
     forward = _with_lstm_ext_ops(nn.LSTMCell.forward)
+
+
+# torch.load's default (weights_only) unpickler builds only allow-listed classes. A script that
+# allow-lists nn.LSTM to load a whole-model checkpoint must load it with these drop-ins in it too.
+serialization.add_safe_globals([LSTM, LSTMCell])
