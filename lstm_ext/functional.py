@@ -81,6 +81,11 @@ def lstm_cell(
         raise RuntimeError("lstm_ext.lstm_cell: b_ih and b_hh must both be given or both be None")
     params = [w_ih, w_hh, b_ih, b_hh] if has_biases else [w_ih, w_hh]
     _, hy, cy = _forward(input.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), params, has_biases, 1, 0.0, False, False)
+    if torch.is_autocast_enabled("cpu"):
+        # Native's lstm_cell is not on autocast's list, only its matrix products are: the new
+        # states come out in the type of the cell state's update, f * c0 + i * g.
+        state_dtype = torch.promote_types(torch.get_autocast_dtype("cpu"), c0.dtype)
+        return hy[0].to(state_dtype), cy[0].to(state_dtype)
     return hy[0], cy[0]
 
 
@@ -131,6 +136,8 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
             )
     if batch_sizes is not None and batch_sizes.device.type != "cpu":
         raise RuntimeError(f"lstm_ext: batch_sizes must be a CPU tensor, got one on {batch_sizes.device}")
+    if torch.is_autocast_enabled("cpu"):
+        input, hx, cx, *params = _autocast(input, hx, cx, *params)
     options = (has_biases, num_layers, float(dropout), train, bidirectional)
     if torch.jit.is_tracing():
         # The graph records the dispatcher op (autograd through register_autograd below), not a
@@ -142,6 +149,14 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
     else:
         output, hy, cy, _ = _below_autograd(_ops.forward, input, batch_sizes, hx, cx, params, *options, False)
     return output, hy, cy
+
+
+def _autocast(*tensors):
+    """What the operator's AutocastCPU kernel does (dispatch.cpp), done here where autograd records
+    the casts: the autograd.Function below calls the operator with its inputs' autograd cut off.
+    Native's policy: floating point tensors but float64 in autocast's dtype."""
+    dtype = torch.get_autocast_dtype("cpu")
+    return [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
 
 
 def _below_autograd(op, *args):
