@@ -1,7 +1,8 @@
 """The functional API: ``lstm`` (both overloads of ``torch._VF.lstm``) and ``lstm_cell``.
 
-The C++ operators do the work; this module only adapts arguments and wires autograd and the
-fake (shape-only) implementations through ``torch.library``, so autograd, ``torch.compile`` and
+The C++ operators do the work (with their autograd and autocast kernels, csrc/dispatch.cpp); this
+module only adapts arguments, runs a leaner autograd.Function around them, and wires the fake
+(shape-only) implementations through ``torch.library``, so autograd, ``torch.compile`` and
 ``torch.library.opcheck`` see ordinary dispatcher ops.
 """
 
@@ -140,8 +141,8 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         input, hx, cx, *params = _autocast(input, hx, cx, *params)
     options = (has_biases, num_layers, float(dropout), train, bidirectional)
     if torch.jit.is_tracing():
-        # The graph records the dispatcher op (autograd through register_autograd below), not a
-        # Python autograd.Function it could not save, and the same op whatever the grad mode:
+        # The graph records the dispatcher op (its autograd is C++), not a Python
+        # autograd.Function it could not save, and the same op whatever the grad mode:
         # the tracer's check traces again under no_grad, and the traced module may be trained.
         output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, True)
     elif torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params)):
@@ -162,8 +163,8 @@ def _autocast(*tensors):
 def _below_autograd(op, *args):
     """Calls ``op`` past its Autograd dispatch key, for callers that need no autograd from it.
 
-    The key's kernel is the Python wrapper that ``torch.library.register_autograd`` installs,
-    ~25 us a call even when it only passes the call on: a tenth of a small shape's forward.
+    lstm_ext::backward's kernel there is the Python wrapper that ``torch.library.register_autograd``
+    installs, ~25 us a call even when it only passes the call on: a tenth of a small shape's forward.
     Under torch.compile the call is traced as it is.
     """
     if torch.compiler.is_compiling():
@@ -179,8 +180,8 @@ class _LSTMFunction(torch.autograd.Function):
     """lstm_ext::forward with its backward twin, lstm_ext::backward.
 
     What ``lstm_ext.lstm`` runs: a plain autograd.Function costs a fraction of the generic
-    wrapper that ``torch.library.register_autograd`` puts around the operator (still registered
-    below, for callers of ``torch.ops.lstm_ext.forward``).
+    wrapper that ``torch.library.register_autograd`` would put around the operator. Callers of
+    ``torch.ops.lstm_ext.forward`` get the same backward from the operator's C++ autograd.
     """
 
     @staticmethod
@@ -255,21 +256,10 @@ class _LSTMBackward(torch.autograd.Function):
 _LSTMBackward.forward.__signature__ = inspect.signature(_LSTMBackward.forward)
 
 
-def _setup_context(ctx, inputs, output):
-    input, batch_sizes, hx, cx, params, has_biases, num_layers, _dropout, _train, bidirectional, _need = inputs
-    _save_for_backward(ctx, input, batch_sizes, hx, cx, params, output[3], (has_biases, num_layers, bidirectional))
-
-
-def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
-    grad_input, grad_hx, grad_cx, grad_params = _run_backward(ctx, grad_output, grad_hy, grad_cy)
-    return grad_input, None, grad_hx, grad_cx, grad_params, None, None, None, None, None, None
-
-
 def _no_double_backward(ctx, *grads):
     raise RuntimeError("lstm_ext: double backward (the gradient of a gradient) is not supported")
 
 
-torch.library.register_autograd("lstm_ext::forward", _backward, setup_context=_setup_context)
 torch.library.register_autograd("lstm_ext::backward", _no_double_backward)
 
 

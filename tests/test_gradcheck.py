@@ -69,6 +69,25 @@ def test_gradcheck_packed_sequence(config):
     assert torch.autograd.gradcheck(lstm, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+# torch.ops.lstm_ext.forward itself (what a traced or exported graph, or a C++ program, calls) is
+# differentiated by its C++ autograd, which keeps a workspace whenever a gradient is needed.
+@pytest.mark.parametrize("need_workspace", [False, True], ids=["no_workspace_asked", "workspace_asked"])
+@pytest.mark.parametrize("config", [c for c in GRADCHECK_CONFIGS if "batch_first" not in c.values[0]])
+def test_gradcheck_the_operator_through_its_cpp_autograd(config, need_workspace):
+    dtype = torch.float64
+    native, _ = make_lstm_pair(dtype=dtype, **GRADCHECK_SIZES, **config)
+    input = make_input(dtype, seq_len=SEQ_LEN, batch=BATCH, input_size=GRADCHECK_SIZES["input_size"])
+    leaves = leaf_copies([input, *make_hx(native, dtype, batch=BATCH), *native._flat_weights])
+    options = (native.bias, native.num_layers, 0.0, True, native.bidirectional, need_workspace)
+
+    def operator(input, h0, c0, *weights):
+        output, hy, cy, workspace = torch.ops.lstm_ext.forward(input, None, h0, c0, weights, *options)
+        assert bool(workspace) == need_workspace and output.grad_fn is not None
+        return output, hy, cy
+
+    assert torch.autograd.gradcheck(operator, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
 @pytest.mark.parametrize("config", GRADCHECK_CONFIGS)
 def test_double_backward_raises_clear_runtime_error(config):
     lstm, leaves = _lstm_inputs(config)
