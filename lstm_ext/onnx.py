@@ -17,6 +17,10 @@ with ``W_hh`` as that input's weight. Its outputs are projected by ``W_hr`` afte
 Packed sequences and dropout between layers in training do not export: export in eval mode.
 """
 
+import importlib.abc
+import importlib.util
+import sys
+
 import torch
 from torch.onnx import symbolic_helper
 
@@ -24,6 +28,8 @@ from torch.onnx import symbolic_helper
 ONNX_GATE_ORDER = [0, 3, 1, 2]
 # The TorchScript exporter's symbolic needs Range (opset 11); the dynamo exporter writes opset 18.
 TORCHSCRIPT_OPSET = 11
+# The registry of ONNX functions the dynamo exporter reads (with torch's own) each time it exports.
+DYNAMO_REGISTRY_MODULE = "onnxscript.function_libs.torch_lib.registration"
 
 
 def _layer_stack(graph, input, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional):
@@ -183,10 +189,9 @@ class _OnnxScriptGraph:
 
 def _register_dynamo_translation():
     from onnxscript import opset18
+    from onnxscript.function_libs.torch_lib.registration import torch_op
 
-    from torch.onnx._internal.exporter._torchlib._torchlib_registry import onnx_impl
-
-    @onnx_impl(torch.ops.lstm_ext.forward.default, trace_only=True)
+    @torch_op("lstm_ext::forward", trace_only=True)
     def lstm_ext_forward(
         input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, need_workspace
     ):
@@ -197,9 +202,32 @@ def _register_dynamo_translation():
 
 
 def register():
-    """Registers the symbolic and, where onnxscript is installed, the translation (``import lstm_ext`` does)."""
+    """Registers the symbolic, and the translation once the dynamo exporter loads its registry, so
+    that ``import lstm_ext`` (which calls this) does not import onnxscript (about a second) for an
+    export that may never come. Without onnxscript there is no dynamo exporter."""
     torch.onnx.register_custom_op_symbolic("lstm_ext::forward", _torchscript_symbolic, TORCHSCRIPT_OPSET)
-    try:
+    if DYNAMO_REGISTRY_MODULE in sys.modules:
         _register_dynamo_translation()
-    except ImportError:  # no onnxscript, so no dynamo exporter to register with
-        pass
+    else:
+        sys.meta_path.insert(0, _AfterImport(DYNAMO_REGISTRY_MODULE, _register_dynamo_translation))
+
+
+class _AfterImport(importlib.abc.MetaPathFinder):
+    """Runs ``callback`` right after the module ``name`` is imported (Python has no hook for that)."""
+
+    def __init__(self, name, callback):
+        self.name, self.callback = name, callback
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname != self.name:
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(fullname)
+        exec_module = spec.loader.exec_module
+
+        def exec_module_then_callback(module):
+            exec_module(module)
+            self.callback()
+
+        spec.loader.exec_module = exec_module_then_callback
+        return spec

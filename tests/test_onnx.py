@@ -155,3 +155,19 @@ def test_lstm_ext_imports_and_exports_with_torchscript_without_onnxscript(tmp_pa
     )
     completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
+
+
+@pytest.mark.parametrize("first", ["lstm_ext", "onnxscript"])
+def test_dynamo_translation_is_registered_whichever_is_imported_first(tmp_path, first):
+    """``import lstm_ext`` leaves onnxscript unimported (it costs about a second) and registers the
+    translation when the dynamo exporter loads its registry, or at once if it already has."""
+    script = (
+        "import sys, torch\n"
+        + ("import lstm_ext\nassert 'onnxscript' not in sys.modules\n" if first == "lstm_ext" else "")
+        + "import onnxscript.function_libs.torch_lib.registration\n"
+        + ("import lstm_ext\n" if first == "onnxscript" else "")
+        + "lstm = lstm_ext.LSTM(3, 5).eval()\n"
+        + f"torch.onnx.export(lstm, (torch.randn(5, 2, 3),), {str(tmp_path / 'm.onnx')!r}, dynamo=True)\n"
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
