@@ -178,3 +178,21 @@ def test_bfloat16_training_loop_tracks_native():
         assert all(p.dtype == torch.float32 for p in model.parameters())
     assert losses["lstm_ext"][-1] < 0.5 * losses["lstm_ext"][0]
     torch.testing.assert_close(torch.tensor(losses["lstm_ext"]), torch.tensor(losses["native"]), atol=2e-2, rtol=5e-2)
+
+
+def test_compiled_under_autocast_matches_eager():
+    (_, ext_model), _ = models(num_layers=2)
+    x = torch.randn(6, 3, 6)
+
+    def step(x):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output, _ = ext_model[1](ext_model[0](x))
+        return output
+
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(step, fullgraph=True)
+        output = compiled(x)
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output, step(x), rtol=0, atol=0)
+    output.float().sum().backward()
+    assert all(p.grad.dtype == torch.float32 for p in ext_model.parameters())
