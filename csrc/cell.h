@@ -197,9 +197,27 @@ inline V tanh(const V& x) {
   }
 }
 
-template <typename T>
-inline T sigmoid_scalar(T x) {
-  return T(1) / (T(1) + std::exp(-x));
+// The reduced floating types compute in their opmath type, one unit at a time.
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+inline float tanh(float x) { return std::tanh(x); }
+inline double tanh(double x) { return std::tanh(x); }
+
+// The differentiable recomputation (see FullLayer::forward_differentiable) runs the same cell
+// math on whole tensors, through ATen ops that every autograd transform knows.
+inline Tensor sigmoid(const Tensor& x) { return x.sigmoid(); }
+inline Tensor tanh(const Tensor& x) { return x.tanh(); }
+
+// a·b + c: one fused instruction on vectors; the tensor form stays differentiable.
+template <typename V>
+inline V fmadd(const V& a, const V& b, const V& c) {
+  if constexpr (std::is_arithmetic_v<V>) {
+    return a * b + c;
+  } else if constexpr (std::is_same_v<V, Tensor>) {
+    return at::addcmul(c, a, b);
+  } else {
+    return at::vec::fmadd(a, b, c);
+  }
 }
 
 // Calls body(j, count) over [begin, end) in vector-sized chunks (the last may be shorter).
@@ -212,6 +230,25 @@ inline void for_each_chunk(int64_t begin, int64_t end, const Body& body) {
 }  // namespace pointwise
 
 struct LSTMCell {
+  // One step's values for a slice of units: the gate activations, the new cell state, its tanh
+  // and the new hidden state (before any projection).
+  template <typename V>
+  struct Values {
+    V i, f, z, o, cell, tanh_cell, hidden;
+  };
+
+  // The cell's math, written once for every kind of value: at::vec vectors (the fast pass
+  // below), opmath scalars (the reduced floating types) and whole tensors (the differentiable
+  // recomputation that higher-order and forward-mode autodiff and vmap go through).
+  template <typename V>
+  static Values<V> math(const V& i_pre, const V& f_pre, const V& g_pre, const V& o_pre, const V& cell_prev) {
+    const V i = pointwise::sigmoid(i_pre), f = pointwise::sigmoid(f_pre);
+    const V z = pointwise::tanh(g_pre), o = pointwise::sigmoid(o_pre);
+    const V cell = pointwise::fmadd(f, cell_prev, i * z);
+    const V tanh_cell = pointwise::tanh(cell);
+    return {i, f, z, o, cell, tanh_cell, o * tanh_cell};
+  }
+
   // Forward pointwise for rows [0, rows) and the units of `units`. gates [rows, 4H] holds the
   // pre-activations (x W_ihᵀ + h W_hhᵀ + biases) and is overwritten with the activations, which
   // the backward reuses. cell [rows, H] is c_{t-1} on entry and c_t on exit. h_t = o·tanh(c_t)
@@ -229,46 +266,35 @@ struct LSTMCell {
       if constexpr (pointwise::kVectorized<scalar_t>) {
         using Vec = at::vec::Vectorized<scalar_t>;
         pointwise::for_each_chunk<scalar_t>(units.begin, units.end, [&](int64_t j, int64_t n) {
-          const Vec i = pointwise::sigmoid(Vec::loadu(g + j, n));
-          const Vec f = pointwise::sigmoid(Vec::loadu(g + H + j, n));
-          const Vec z = pointwise::tanh(Vec::loadu(g + 2 * H + j, n));
-          const Vec o = pointwise::sigmoid(Vec::loadu(g + 3 * H + j, n));
           const Vec c_prev = Vec::loadu(c + j, n);
-          const Vec c_new = at::vec::fmadd(f, c_prev, i * z);
-          const Vec tanh_c = pointwise::tanh(c_new);
-          const Vec h_new = o * tanh_c;
-          i.store(g + j, n);
-          f.store(g + H + j, n);
-          z.store(g + 2 * H + j, n);
-          o.store(g + 3 * H + j, n);
-          c_new.store(c + j, n);
-          h_new.store(h + j, n);
-          if (h2) h_new.store(h2 + j, n);
+          const Values<Vec> v = math<Vec>(Vec::loadu(g + j, n), Vec::loadu(g + H + j, n),
+                                          Vec::loadu(g + 2 * H + j, n), Vec::loadu(g + 3 * H + j, n), c_prev);
+          v.i.store(g + j, n);
+          v.f.store(g + H + j, n);
+          v.z.store(g + 2 * H + j, n);
+          v.o.store(g + 3 * H + j, n);
+          v.cell.store(c + j, n);
+          v.hidden.store(h + j, n);
+          if (h2) v.hidden.store(h2 + j, n);
           if (tanh_c_out) {
-            tanh_c.store(tanh_c_out + j, n);
+            v.tanh_cell.store(tanh_c_out + j, n);
             c_prev.store(c_prev_out + j, n);
           }
         });
       } else {
         using opmath_t = at::opmath_type<scalar_t>;
         for (int64_t j = units.begin; j < units.end; ++j) {
-          const opmath_t i = pointwise::sigmoid_scalar<opmath_t>(g[j]);
-          const opmath_t f = pointwise::sigmoid_scalar<opmath_t>(g[H + j]);
-          const opmath_t z = std::tanh(opmath_t(g[2 * H + j]));
-          const opmath_t o = pointwise::sigmoid_scalar<opmath_t>(g[3 * H + j]);
           const opmath_t c_prev = c[j];
-          const opmath_t c_new = f * c_prev + i * z;
-          const opmath_t tanh_c = std::tanh(c_new);
-          const opmath_t h_new = o * tanh_c;
-          g[j] = i;
-          g[H + j] = f;
-          g[2 * H + j] = z;
-          g[3 * H + j] = o;
-          c[j] = c_new;
-          h[j] = h_new;
-          if (h2) h2[j] = h_new;
+          const Values<opmath_t> v = math<opmath_t>(g[j], g[H + j], g[2 * H + j], g[3 * H + j], c_prev);
+          g[j] = v.i;
+          g[H + j] = v.f;
+          g[2 * H + j] = v.z;
+          g[3 * H + j] = v.o;
+          c[j] = v.cell;
+          h[j] = v.hidden;
+          if (h2) h2[j] = v.hidden;
           if (tanh_c_out) {
-            tanh_c_out[j] = tanh_c;
+            tanh_c_out[j] = v.tanh_cell;
             c_prev_out[j] = c_prev;
           }
         }

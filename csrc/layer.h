@@ -10,8 +10,10 @@
 #include "cell.h"
 #include "parallel.h"
 
+#include <algorithm>
 #include <array>
 #include <cstring>
+#include <tuple>
 #include <vector>
 
 namespace lstm_ext {
@@ -170,6 +172,43 @@ struct FullLayer {
       }
       team.sync();
     }
+  }
+
+  // The forward as ATen ops on whole tensors, differentiable by every autograd transform (double
+  // backward, forward mode, vmap): what those recompute through, since forward and backward
+  // above write raw memory. x [N, I] is the layer input (the packed rows), h0 [B, P] and
+  // c0 [B, H] the initial state. Returns the output rows [N, P] and the final h and c.
+  std::tuple<Tensor, Tensor, Tensor> forward_differentiable(const CellParams& params, const Tensor& x,
+                                                           const Tensor& h0, const Tensor& c0) const {
+    const int64_t H = params.hidden_size();
+    Tensor gates_x = at::linear(x, params.w_ih, params.b_ih.defined() ? params.b_ih + params.b_hh : Tensor());
+    const int64_t first_rows = steps.batch_sizes[step_at(0)];
+    Tensor h = h0.narrow(0, 0, first_rows), c = c0.narrow(0, 0, first_rows);
+    std::vector<Tensor> outputs(steps.count()), finished_h, finished_c;
+    for (int64_t k = 0; k < steps.count(); ++k) {
+      const int64_t t = step_at(k), rows = steps.batch_sizes[t];
+      if (rows < h.size(0)) {  // walking forward, sequences end: their rows keep their final state
+        finished_h.push_back(h.narrow(0, rows, h.size(0) - rows));
+        finished_c.push_back(c.narrow(0, rows, c.size(0) - rows));
+        h = h.narrow(0, 0, rows);
+        c = c.narrow(0, 0, rows);
+      } else if (rows > h.size(0)) {  // walking in reverse, sequences start from the initial state
+        h = at::cat({h, h0.narrow(0, h.size(0), rows - h.size(0))});
+        c = at::cat({c, c0.narrow(0, c.size(0), rows - c.size(0))});
+      }
+      const Tensor gates = at::addmm(gates_x.narrow(0, steps.offsets[t], rows), h, params.w_hh.t());
+      const Tensor pre = gates.view({rows, 4, H});
+      const auto v = LSTMCell::math<Tensor>(pre.select(1, 0), pre.select(1, 1), pre.select(1, 2), pre.select(1, 3), c);
+      c = v.cell;
+      h = params.has_projection() ? at::matmul(v.hidden, params.w_hr.t()) : v.hidden;
+      outputs[t] = h;
+    }
+    // The final states in the batch's order: the longest sequences' rows first.
+    finished_h.push_back(h);
+    finished_c.push_back(c);
+    std::reverse(finished_h.begin(), finished_h.end());
+    std::reverse(finished_c.begin(), finished_c.end());
+    return {at::cat(outputs), at::cat(finished_h), at::cat(finished_c)};
   }
 
   // One team member's part of the backward twin, over the steps in the opposite order.

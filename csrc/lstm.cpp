@@ -62,17 +62,8 @@ std::vector<CellParams> gather_params(TensorList params, bool has_biases, int64_
   return result;
 }
 
-Steps make_steps(const Tensor& input, const std::optional<Tensor>& batch_sizes) {
-  if (!batch_sizes.has_value()) {
-    return Steps::from_batch_sizes(std::vector<int64_t>(input.size(0), input.size(1)));
-  }
-  const Tensor& sizes = *batch_sizes;
-  TORCH_CHECK(sizes.device().is_cpu(), "lstm_ext: batch_sizes must be a CPU tensor, got one on ", sizes.device());
-  TORCH_CHECK(sizes.dim() == 1 && sizes.scalar_type() == at::kLong,
-              "lstm_ext: batch_sizes must be a 1-D int64 tensor, got ", sizes.dim(), "-D ", sizes.scalar_type());
-  const Tensor contiguous = sizes.contiguous();
-  const int64_t* data = contiguous.data_ptr<int64_t>();
-  std::vector<int64_t> values(data, data + contiguous.numel());
+// The steps of packed input from its batch sizes, checked against the input's rows.
+Steps packed_steps(const Tensor& input, std::vector<int64_t> values) {
   int64_t rows = 0;  // checked against the input before each addition, so it cannot overflow
   for (size_t t = 0; t < values.size(); ++t) {
     TORCH_CHECK(values[t] > 0, "lstm_ext: batch_sizes must be positive, got ", values[t], " at step ", t);
@@ -90,6 +81,19 @@ Steps make_steps(const Tensor& input, const std::optional<Tensor>& batch_sizes) 
   return steps;
 }
 
+Steps make_steps(const Tensor& input, const std::optional<Tensor>& batch_sizes) {
+  if (!batch_sizes.has_value()) {
+    return Steps::from_batch_sizes(std::vector<int64_t>(input.size(0), input.size(1)));
+  }
+  const Tensor& sizes = *batch_sizes;
+  TORCH_CHECK(sizes.device().is_cpu(), "lstm_ext: batch_sizes must be a CPU tensor, got one on ", sizes.device());
+  TORCH_CHECK(sizes.dim() == 1 && sizes.scalar_type() == at::kLong,
+              "lstm_ext: batch_sizes must be a 1-D int64 tensor, got ", sizes.dim(), "-D ", sizes.scalar_type());
+  const Tensor contiguous = sizes.contiguous();
+  const int64_t* data = contiguous.data_ptr<int64_t>();
+  return packed_steps(input, std::vector<int64_t>(data, data + contiguous.numel()));
+}
+
 void check_same_device_and_dtype(const Tensor& input, const Tensor& t, const char* name) {
   TORCH_CHECK(t.device() == input.device(), "lstm_ext: input and ", name,
               " are not on the same device, found input on ", input.device(), " and ", name, " on ", t.device());
@@ -102,9 +106,9 @@ void check_state(const Tensor& state, const char* name, int64_t cells, int64_t b
               "lstm_ext: expected ", name, " of size [", cells, ", ", batch, ", ", size, "], got ", state.sizes());
 }
 
-void check_input(const Tensor& input, const std::optional<Tensor>& batch_sizes) {
+void check_input(const Tensor& input, bool packed) {
   TORCH_CHECK(input.device().is_cpu(), "lstm_ext: only CPU tensors are supported, got input on ", input.device());
-  const bool dense = !batch_sizes.has_value();
+  const bool dense = !packed;
   TORCH_CHECK(input.dim() == (dense ? 3 : 2), "lstm_ext: expected ", dense ? "3-D [T, B, I]" : "2-D packed [N, I]",
               " input, got ", input.dim(), "-D");
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), "lstm_ext: expected a floating point input, got ",
@@ -180,6 +184,12 @@ struct Workspace {
 
 // ---- forward ----------------------------------------------------------------------------------
 
+// Fills `mask` with dropout's scaled keep-mask between layers: the same RNG draws as ATen's
+// dropout, so a seed gives native's masks.
+Tensor draw_dropout_mask(Tensor mask, double dropout) {
+  return dropout == 1 ? mask.zero_() : mask.bernoulli_(1 - dropout).div_(1 - dropout);
+}
+
 // Inference projects the input in chunks of steps of at most this many bytes of gates (all
 // directions together), so that malloc keeps the buffer between calls: glibc hands a block over
 // 32 MB back to the OS when it is freed, and the next call's first touch of it page-faults again
@@ -206,7 +216,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   TORCH_CHECK(num_layers > 0, "lstm_ext: num_layers must be positive, got ", num_layers);
   const int64_t D = bidirectional ? 2 : 1;
   const std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D);
-  check_input(input, batch_sizes);
+  check_input(input, batch_sizes.has_value());
   const Steps steps = make_steps(input, batch_sizes);
   const StackShape s = check_forward_args(input, steps, hx, cx, cells, num_layers, bidirectional, dropout);
   const int64_t N = steps.rows(), H = s.hidden_size, P = s.output_size;
@@ -262,14 +272,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
         });
       }
       if (apply_dropout && !last) {
-        // The same RNG draws as ATen's dropout between layers, so a seed gives native's masks.
-        Tensor mask = need_workspace ? ws.dropout_masks[l] : at::empty_like(layer_output);
-        if (dropout == 1) {
-          mask.zero_();
-        } else {
-          mask.bernoulli_(1 - dropout).div_(1 - dropout);
-        }
-        layer_output.mul_(mask);
+        layer_output.mul_(draw_dropout_mask(need_workspace ? ws.dropout_masks[l] : at::empty_like(layer_output), dropout));
       }
       layer_input = layer_output;
     }
@@ -357,6 +360,46 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
   return {grad_input, grad_hx, grad_cx, grad_params};
 }
 
+// ---- differentiable recomputation ---------------------------------------------------------------
+
+// lstm_forward's numbers as ATen ops (FullLayer::forward_differentiable per layer-direction),
+// registered as CompositeImplicitAutograd: double backward, forward-mode AD and the torch.func
+// transforms differentiate or batch it op by op, where the fast operators have only their
+// hand-written first-order backward. Its batch sizes are a list, not a tensor: a transform
+// wraps every tensor argument, and a wrapped tensor has no data to read. `dropout_masks` ([L-1, N, D*P], from the forward's
+// workspace) replays a forward's dropout; without them, dropout in training draws new masks.
+std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
+    const Tensor& input, at::OptionalIntArrayRef batch_sizes, const Tensor& hx, const Tensor& cx,
+    TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
+    const std::optional<Tensor>& dropout_masks) {
+  TORCH_CHECK(num_layers > 0, "lstm_ext: num_layers must be positive, got ", num_layers);
+  const int64_t D = bidirectional ? 2 : 1;
+  const std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D);
+  check_input(input, batch_sizes.has_value());
+  const Steps steps = batch_sizes.has_value() ? packed_steps(input, batch_sizes->vec()) : make_steps(input, {});
+  const StackShape s = check_forward_args(input, steps, hx, cx, cells, num_layers, bidirectional, dropout);
+  const bool replay = dropout_masks.has_value() && dropout_masks->numel() > 0;
+  const bool apply_dropout = replay || (dropout > 0 && train && num_layers > 1);
+  Tensor layer_input = input.reshape({steps.rows(), s.input_size});
+  std::vector<Tensor> hy, cy;
+  for (int64_t l = 0; l < num_layers; ++l) {
+    std::vector<Tensor> outputs;
+    for (int64_t d = 0; d < D; ++d) {
+      const int64_t c = l * D + d;
+      auto [output, h, c_last] = FullLayer{steps, d == 1}.forward_differentiable(cells[c], layer_input, hx[c], cx[c]);
+      outputs.push_back(std::move(output));
+      hy.push_back(std::move(h));
+      cy.push_back(std::move(c_last));
+    }
+    layer_input = D == 1 ? outputs.front() : at::cat(outputs, 1);
+    if (apply_dropout && l < num_layers - 1) {
+      layer_input = layer_input * (replay ? (*dropout_masks)[l] : draw_dropout_mask(at::empty_like(layer_input), dropout));
+    }
+  }
+  const Tensor output = s.dense ? layer_input.view({input.size(0), input.size(1), -1}) : layer_input;
+  return {output, at::stack(hy), at::stack(cy)};
+}
+
 }  // namespace
 
 TORCH_LIBRARY(lstm_ext, m) {
@@ -368,11 +411,24 @@ TORCH_LIBRARY(lstm_ext, m) {
       "backward(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, Tensor[] workspace, "
       "Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, bool has_biases, int num_layers, bool bidirectional) "
       "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_params)");
+  m.def(
+      "forward_differentiable(Tensor input, int[]? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, "
+      "bool has_biases, int num_layers, float dropout, bool train, bool bidirectional, Tensor? dropout_masks) "
+      "-> (Tensor output, Tensor hy, Tensor cy)");
 }
 
 TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
   m.impl("forward", &lstm_forward);
   m.impl("backward", &lstm_backward);
+}
+
+TORCH_LIBRARY_IMPL(lstm_ext, CompositeImplicitAutograd, m) {
+  m.impl("forward_differentiable", &lstm_forward_differentiable);
+}
+
+// Under vmap, too, it decomposes into ATen ops (which have batching rules).
+TORCH_LIBRARY_IMPL(lstm_ext, FuncTorchBatchedDecomposition, m) {
+  m.impl("forward_differentiable", &lstm_forward_differentiable);
 }
 
 }  // namespace lstm_ext

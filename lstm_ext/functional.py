@@ -129,17 +129,19 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
             )
         if tensor.layout != torch.strided:
             raise RuntimeError(f"lstm_ext: expected dense (strided) tensors, got one with layout {tensor.layout}")
-        # Without this, forward-mode AD would silently drop the tangents.
-        if forward_ad.unpack_dual(tensor).tangent is not None:
-            raise NotImplementedError(
-                "lstm_ext: forward-mode AD (torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad) "
-                "is not supported"
-            )
     if batch_sizes is not None and batch_sizes.device.type != "cpu":
         raise RuntimeError(f"lstm_ext: batch_sizes must be a CPU tensor, got one on {batch_sizes.device}")
     if torch.is_autocast_enabled("cpu"):
         input, hx, cx, *params = _autocast(input, hx, cx, *params)
     options = (has_biases, num_layers, float(dropout), train, bidirectional)
+    transform = _transform_of(input, hx, cx, *params)
+    if transform == "differentiable":
+        return _ops.forward_differentiable(input, _as_list(batch_sizes), hx, cx, params, *options, None)
+    if transform == "vmap":
+        # Through the dispatcher, to the batching rule registered below.
+        need_workspace = torch.is_grad_enabled() and any(map(_requires_grad_below_vmap, (input, hx, cx, *params)))
+        output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, need_workspace)
+        return output, hy, cy
     if torch.jit.is_tracing():
         # The graph records the dispatcher op (its autograd is C++), not a Python
         # autograd.Function it could not save, and the same op whatever the grad mode:
@@ -158,6 +160,41 @@ def _autocast(*tensors):
     Native's policy: floating point tensors but float64 in autocast's dtype."""
     dtype = torch.get_autocast_dtype("cpu")
     return [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
+
+
+def _transform_of(*tensors) -> str | None:
+    """How a call must run under the autodiff transforms around it.
+
+    ``None``: the fast operator with its hand-written backward (no transform).
+    ``"vmap"``: only vmap; the operator's batching rule folds the mapped dim into the batch.
+    ``"differentiable"``: forward-mode AD or any torch.func transform that differentiates
+    (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``hessian``, ``vmap(grad)``...):
+    lstm_ext::forward_differentiable, ATen ops that every transform knows. (Under torch.func
+    an autograd.Function's backward sees its saved tensors unwrapped, so a recomputation
+    there could not carry the transform's derivatives.)
+    """
+    if torch.compiler.is_compiling():
+        return None
+    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+        return "differentiable"
+    kinds = {interpreter.key() for interpreter in torch._C._functorch.get_interpreter_stack() or ()}
+    if not kinds:
+        return None
+    return "vmap" if kinds == {_TransformType.Vmap} else "differentiable"
+
+
+_TransformType = torch._C._functorch.TransformType
+
+
+def _requires_grad_below_vmap(tensor):
+    """Whether the tensor a vmap wraps requires grad (the wrapper itself never says so)."""
+    while torch._C._functorch.is_batchedtensor(tensor):
+        tensor = torch._C._functorch.get_unwrapped(tensor)
+    return tensor.requires_grad
+
+
+def _as_list(batch_sizes):
+    return None if batch_sizes is None else batch_sizes.tolist()
 
 
 def _below_autograd(op, *args):
@@ -222,45 +259,60 @@ def _run_backward(ctx, grad_output, grad_hy, grad_cy):
     params, workspace = rest[: ctx.num_params], rest[ctx.num_params :]
     if not workspace:
         raise RuntimeError("lstm_ext: the forward saved nothing for backward (it ran with need_workspace=False)")
-    args = (ctx.options, input, batch_sizes, hx, cx, grad_output, grad_hy, grad_cy, len(params), *params, *workspace)
-    backward = _LSTMBackward.apply if torch.is_grad_enabled() else _backward_op  # create_graph or not
-    grad_input, grad_hx, grad_cx, *grad_params = backward(*args)
+    grads = (grad_output, grad_hy, grad_cy)
+    if torch.is_grad_enabled() or any(_is_batched(g) for g in grads):
+        # create_graph (double backward) or batched gradients (is_grads_batched): the
+        # hand-written backward has no derivative and no batching rule, so differentiate the
+        # differentiable recomputation instead.
+        return _recomputed_backward(input, batch_sizes, hx, cx, params, workspace[-1], ctx.options, grads)
+    args = (input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *ctx.options)
+    grad_input, grad_hx, grad_cx, grad_params = _below_autograd(_ops.backward, *args)
     return grad_input, grad_hx, grad_cx, grad_params
 
 
-def _backward_op(options, input, batch_sizes, hx, cx, grad_output, grad_hy, grad_cy, num_params, *params_and_workspace):
-    """lstm_ext::backward past its Autograd key, with every tensor its own argument."""
-    params, workspace = params_and_workspace[:num_params], params_and_workspace[num_params:]
-    grad_input, grad_hx, grad_cx, grad_params = _below_autograd(
-        _ops.backward, input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *options
+def _is_batched(tensor):
+    return (
+        tensor is not None
+        and not torch.compiler.is_compiling()
+        and torch._C._functorch.is_legacy_batchedtensor(tensor)
     )
-    return grad_input, grad_hx, grad_cx, *grad_params
 
 
-class _LSTMBackward(torch.autograd.Function):
-    """lstm_ext::backward under create_graph: a second backward through its results raises
-    instead of silently finding no graph (native LSTMs have one; lstm_ext does not). Every
-    tensor is its own argument, so that autograd sees which of them require grad."""
+def _recomputed_backward(input, batch_sizes, hx, cx, params, dropout_masks, options, grads):
+    """The backward as autograd through lstm_ext::forward_differentiable, replaying the forward's
+    dropout masks: differentiable itself when grad mode is on (create_graph)."""
+    has_biases, num_layers, bidirectional = options
+    with torch.enable_grad():
+        outputs = _ops.forward_differentiable(
+            input, _as_list(batch_sizes), hx, cx, params, has_biases, num_layers, 0.0, False, bidirectional,
+            dropout_masks,
+        )
+    used = [(output, grad) for output, grad in zip(outputs, grads) if grad is not None]
+    leaves = (input, hx, cx, *params)
+    wanted = [leaf for leaf in leaves if leaf.requires_grad]
+    found = iter(
+        torch.autograd.grad(
+            [output for output, _ in used],
+            wanted,
+            [grad for _, grad in used],
+            create_graph=torch.is_grad_enabled(),
+            allow_unused=True,
+        )
+        if used and wanted
+        else [None] * len(wanted)
+    )
+    grad_input, grad_hx, grad_cx, *grad_params = [next(found) if leaf.requires_grad else None for leaf in leaves]
+    return grad_input, grad_hx, grad_cx, grad_params
 
-    forward = staticmethod(_backward_op)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, *grads):
-        _no_double_backward(ctx)
+def _backward_not_differentiable(ctx, *grads):
+    raise RuntimeError(
+        "lstm_ext::backward is not differentiable: differentiate lstm_ext::forward with create_graph=True, "
+        "which recomputes through lstm_ext::forward_differentiable"
+    )
 
 
-_LSTMBackward.forward.__signature__ = inspect.signature(_LSTMBackward.forward)
-
-
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError("lstm_ext: double backward (the gradient of a gradient) is not supported")
-
-
-torch.library.register_autograd("lstm_ext::backward", _no_double_backward)
+torch.library.register_autograd("lstm_ext::backward", _backward_not_differentiable)
 
 
 # ---- fake implementations: shapes only, for torch.compile and opcheck ---------------------------
@@ -294,4 +346,62 @@ def _backward_fake(input, batch_sizes, hx, cx, params, workspace, grad_output, g
         torch.empty_like(hx, memory_format=torch.contiguous_format),
         torch.empty_like(cx, memory_format=torch.contiguous_format),
         [torch.empty_like(p, memory_format=torch.contiguous_format) for p in params],
+    )
+
+
+# ---- vmap: the batching rule of the fast operator ---------------------------------------------
+
+
+@torch.library.register_vmap("lstm_ext::forward")
+def _forward_vmap(info, in_dims, input, batch_sizes, hx, cx, params, *options):
+    """vmap over inputs and states folds the mapped dim into the batch: one call with a V times
+    larger batch, each sequence's V copies side by side, so that packed batch sizes stay sorted
+    (V·batch_sizes). Batched weights (an ensemble) or dropout under ``randomness="same"`` run
+    the operator once per mapped index."""
+    input_dim, _, hx_dim, cx_dim, params_dims, *_ = in_dims
+    has_biases, num_layers, dropout, train, bidirectional, need_workspace = options
+    random = dropout > 0 and train and num_layers > 1
+    if random and info.randomness == "error":
+        raise RuntimeError(
+            "vmap: called random operation while in randomness error mode. Please either use the 'same' or "
+            "'different' randomness flags on vmap or perform the randomness operation out of vmap"
+        )
+    if any(dim is not None for dim in params_dims) or (random and info.randomness == "same"):
+        return _forward_vmap_loop(info, in_dims, input, batch_sizes, hx, cx, params, options, random)
+    V, batch = info.batch_size, input.dim() - 2 if input_dim is None else input.dim() - 3  # input's batch dim
+
+    def fold(tensor, dim, batch_dim):
+        tensor = tensor.unsqueeze(batch_dim + 1).expand(
+            *tensor.shape[: batch_dim + 1], V, *tensor.shape[batch_dim + 1 :]
+        ) if dim is None else tensor.movedim(dim, batch_dim + 1)
+        return tensor.flatten(batch_dim, batch_dim + 1)
+
+    folded_sizes = None if batch_sizes is None else batch_sizes * V
+    output, hy, cy, workspace = _ops.forward(
+        fold(input, input_dim, batch), folded_sizes, fold(hx, hx_dim, 1), fold(cx, cx_dim, 1), params, *options
+    )
+    unfold = lambda tensor, batch_dim: tensor.unflatten(batch_dim, (-1, V))  # noqa: E731
+    # The workspace is the folded call's, read only by that call's own backward below vmap.
+    return (unfold(output, batch), unfold(hy, 1), unfold(cy, 1), workspace), (batch + 1, 2, 2, [None] * len(workspace))
+
+
+def _forward_vmap_loop(info, in_dims, input, batch_sizes, hx, cx, params, options, random):
+    input_dim, _, hx_dim, cx_dim, params_dims, *_ = in_dims
+    pick = lambda tensor, dim, index: tensor if dim is None else tensor.select(dim, index)  # noqa: E731
+    rng_state = torch.get_rng_state() if random else None  # randomness="same": every index draws alike
+    results = []
+    for index in range(info.batch_size):
+        if rng_state is not None:
+            torch.set_rng_state(rng_state)
+        weights = [pick(weight, dim, index) for weight, dim in zip(params, params_dims)]
+        results.append(
+            _ops.forward(
+                pick(input, input_dim, index), batch_sizes, pick(hx, hx_dim, index), pick(cx, cx_dim, index),
+                weights, *options
+            )
+        )
+    output, hy, cy, workspace = zip(*results)
+    stacked_workspace = [torch.stack(parts) for parts in zip(*workspace)]
+    return (torch.stack(output), torch.stack(hy), torch.stack(cy), stacked_workspace), (
+        0, 0, 0, [0] * len(stacked_workspace)
     )

@@ -1,7 +1,8 @@
-"""Smoke test: benchmarks/bench.py runs its --tiny grid and writes every report.
+"""Smoke tests: benchmarks/bench.py and bench_autodiff.py run their --tiny grids and write
+their reports.
 
-No speed assertions; the tiny grid also checks lstm_ext against native
-torch._VF.lstm, so a correctness regression fails this test too.
+No speed assertions; the tiny grids also check lstm_ext against native
+torch._VF.lstm, so a correctness regression fails these tests too.
 """
 
 import json
@@ -12,6 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
 import bench  # noqa: E402  (needs the path above)
+import bench_autodiff  # noqa: E402
 
 ROW_FIELDS = {"name", "dims", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional",
               "packed", "tokens", "gflop", "status", "error", "max_rel_error", "time_ms",
@@ -45,3 +47,13 @@ def test_tiny_benchmark_writes_reports(tmp_path):
     md = (tmp_path / "results.md").read_text()
     assert md.startswith("# lstm_ext benchmark") and "| shape |" in md and "geomean" in md
     assert (tmp_path / "ratios.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_tiny_autodiff_benchmark_checks_every_row(tmp_path):
+    status = bench_autodiff.main(["--tiny", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])
+
+    rows = json.loads((tmp_path / "autodiff.json").read_text())["rows"]
+    failed = [(r["row"], r["shape"], r["mode"], r["error"]) for r in rows if r["status"] != "ok"]
+    assert status == 0 and not failed, failed
+    assert {r["row"] for r in rows} == {"gradient_penalty", "jvp", "vmap_inputs", "ensemble"}
+    assert all(r["ratios"] and "lstm_ext" in r["time_ms"] for r in rows)

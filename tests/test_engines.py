@@ -1,15 +1,15 @@
 """lstm_ext.LSTM under PyTorch's module machinery, against native nn.LSTM put through the same.
 
-torch.func (functional_call, grad, forward-mode AD), parametrizations, torch.save / torch.load,
-copy.deepcopy and dtype conversion. Comparing gradients of every parameter also checks that
-the module's ``_flat_weights`` (what forward hands the operator) are its current parameters.
+torch.func (functional_call and grad; the other transforms are in test_autodiff.py),
+parametrizations, torch.save / torch.load, copy.deepcopy and dtype conversion. Comparing
+gradients of every parameter also checks that the module's ``_flat_weights`` (what forward
+hands the operator) are its current parameters.
 """
 
 import copy
 
 import pytest
 import torch
-import torch.autograd.forward_ad as forward_ad
 from conftest import (
     FULL_FEATURED,
     assert_matches_native,
@@ -66,38 +66,6 @@ def test_torch_func_grad_of_functional_call_matches_native():
         return torch.func.grad(loss)(parameters)
 
     compare(grads(ext), grads(native))
-
-
-def test_torch_func_jacrev_raises_instead_of_vmapping_the_backward():
-    """jacrev vmaps the backward, for which lstm_ext has no rule: it must raise, not loop wrongly."""
-    _, ext = make_lstm_pair()
-    with pytest.raises(RuntimeError, match="vmap"):
-        torch.func.jacrev(lambda input: ext(input)[0])(make_input(DTYPE))
-
-
-def jvp_with_torch_func(module, input):
-    torch.func.jvp(lambda input: module(input)[0], (input,), (torch.randn_like(input),))
-
-
-def jacfwd_with_torch_func(module, input):
-    torch.func.jacfwd(lambda input: module(input)[0])(input)
-
-
-def dual_tensor_without_grad_mode(module, input):
-    with torch.no_grad(), forward_ad.dual_level():
-        module(forward_ad.make_dual(input, torch.randn_like(input)))
-
-
-FORWARD_AD_CALLS = [jvp_with_torch_func, jacfwd_with_torch_func, dual_tensor_without_grad_mode]
-
-
-@pytest.mark.parametrize("forward_ad_call", FORWARD_AD_CALLS, ids=lambda call: call.__name__)
-def test_forward_mode_ad_raises_instead_of_dropping_tangents(forward_ad_call):
-    """lstm_ext has no forward-mode derivative. Native has one, so the contract is: raise, never
-    return a zero or missing tangent as if the output did not depend on the input."""
-    _, ext = make_lstm_pair()
-    with pytest.raises(NotImplementedError):
-        forward_ad_call(ext, make_input(DTYPE))
 
 
 @pytest.mark.parametrize("name", ["weight_hh_l0", "weight_hr_l1_reverse"])

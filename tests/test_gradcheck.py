@@ -86,26 +86,3 @@ def test_gradcheck_the_operator_through_its_cpp_autograd(config, need_workspace)
         return output, hy, cy
 
     assert torch.autograd.gradcheck(operator, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
-
-
-@pytest.mark.parametrize("config", GRADCHECK_CONFIGS)
-def test_double_backward_raises_clear_runtime_error(config):
-    lstm, leaves = _lstm_inputs(config)
-    with pytest.raises(RuntimeError, match="lstm_ext: double backward"):
-        first_order_grads = torch.autograd.grad(weighted_sum_loss(lstm(*leaves)), leaves, create_graph=True)
-        torch.autograd.grad(sum(grad.sum() for grad in first_order_grads), leaves, allow_unused=True)
-
-
-# The second-order graph must exist whichever leaves require grad: with only the weights (or only
-# the input) requiring it, a gradient penalty's backward still reaches lstm_ext's and raises,
-# never returning a gradient that silently lacks the second-order term.
-@pytest.mark.parametrize("differentiable", ["weights", "input"])
-def test_double_backward_raises_when_only_some_leaves_require_grad(differentiable):
-    lstm, leaves = _lstm_inputs(dict(num_layers=2, bidirectional=True))
-    grad_leaves = leaves[3:] if differentiable == "weights" else leaves[:1]
-    for leaf in leaves:
-        leaf.requires_grad_(any(leaf is grad_leaf for grad_leaf in grad_leaves))
-    first_order_grads = torch.autograd.grad(weighted_sum_loss(lstm(*leaves)), grad_leaves, create_graph=True)
-    penalty = sum(grad.pow(2).sum() for grad in first_order_grads)
-    with pytest.raises(RuntimeError, match="lstm_ext: double backward"):
-        torch.autograd.grad(penalty, grad_leaves)
