@@ -2,14 +2,17 @@
 //
 // Autograd: the hand-written backward, lstm_ext::backward, as a C++ autograd Function, so that the
 // operator is differentiable without Python (a libtorch program, a traced or exported graph run
-// from C++). lstm_ext.lstm in Python runs its own autograd.Function (functional.py) and calls the
-// operator below this kernel.
+// from C++). Under create_graph, and for batched gradients, it differentiates the recomputation
+// lstm_ext::forward_differentiable instead. lstm_ext.lstm in Python runs its own autograd.Function
+// (functional.py), the same backward, and calls the operator below this kernel.
 //
 // AutocastCPU: native's cast policy for lstm (lower_precision_fp, the one of mkldnn_rnn_layer, the
 // kernel native's LSTM runs on CPU): every floating point tensor but float64 in autocast's dtype,
 // through autocast's weight cache, so the output comes out in that dtype and autograd records the
 // casts (gradients reach float32 weights in float32).
+#include <ATen/LegacyBatchedTensorImpl.h>
 #include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/autograd.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
@@ -43,8 +46,53 @@ using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>
     const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, TensorList, TensorList,
     const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, bool, int64_t, bool);
 
+using ForwardDifferentiableSignature = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, at::OptionalIntArrayRef, const Tensor&, const Tensor&, TensorList, bool, int64_t, double, bool, bool,
+    const std::optional<Tensor>&);
+
 std::optional<Tensor> defined_or_none(const Tensor& grad) {
   return grad.defined() ? std::optional<Tensor>(grad) : std::nullopt;
+}
+
+// The backward as autograd through lstm_ext::forward_differentiable, replaying the forward's
+// dropout masks: differentiable itself when grad mode is on (create_graph). The gradients of
+// input, hx, cx and each weight, undefined where that one does not require grad. (The same as
+// functional.py's _recomputed_backward, for lstm_ext.lstm.)
+variable_list recomputed_backward(const variable_list& leaves, const std::optional<Tensor>& batch_sizes,
+                                  const Tensor& dropout_masks, bool has_biases, int64_t num_layers,
+                                  bool bidirectional, const variable_list& grads) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lstm_ext::forward_differentiable", "")
+                             .typed<ForwardDifferentiableSignature>();
+  const bool create_graph = torch::autograd::GradMode::is_enabled();
+  const Tensor sizes = batch_sizes.has_value() ? batch_sizes->contiguous() : Tensor();
+  const at::OptionalIntArrayRef size_list =
+      sizes.defined() ? at::OptionalIntArrayRef(at::IntArrayRef(sizes.data_ptr<int64_t>(), sizes.numel()))
+                      : std::nullopt;
+  variable_list used_outputs, used_grads, wanted;
+  {
+    torch::autograd::AutoGradMode enable_grad(true);
+    const auto [output, hy, cy] = op.call(leaves[0], size_list, leaves[1], leaves[2], TensorList(leaves).slice(3),
+                                          has_biases, num_layers, 0.0, false, bidirectional, dropout_masks);
+    const Tensor outputs[] = {output, hy, cy};
+    for (size_t i = 0; i < 3; ++i) {
+      if (grads[i].defined()) {
+        used_outputs.push_back(outputs[i]);
+        used_grads.push_back(grads[i]);
+      }
+    }
+  }
+  for (const Tensor& leaf : leaves) {
+    if (leaf.requires_grad()) wanted.push_back(leaf);
+  }
+  const variable_list found =
+      used_outputs.empty() || wanted.empty()
+          ? variable_list(wanted.size())
+          : torch::autograd::grad(used_outputs, wanted, used_grads, std::nullopt, create_graph, /*allow_unused=*/true);
+  variable_list result;
+  size_t next = 0;
+  for (const Tensor& leaf : leaves) result.push_back(leaf.requires_grad() ? found[next++] : Tensor());
+  return result;
 }
 
 // forward's outputs are (output, hy, cy, workspace...); the workspace is what the backward reads.
@@ -81,22 +129,27 @@ class LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     const int64_t num_params = ctx->saved_data["num_params"].toInt();
     const TensorList params = TensorList(saved).slice(3, num_params);
     const TensorList workspace = TensorList(saved).slice(3 + num_params);
-    const auto call_backward = [&] {
-      return op.call(saved[0], ctx->saved_data["batch_sizes"].toOptional<Tensor>(), saved[1], saved[2], params,
-                     workspace, defined_or_none(grads[0]), defined_or_none(grads[1]), defined_or_none(grads[2]),
-                     ctx->saved_data["has_biases"].toBool(), ctx->saved_data["num_layers"].toInt(),
-                     ctx->saved_data["bidirectional"].toBool());
-    };
-    // Under create_graph the backward is an operator autograd sees (lstm_ext::backward's own
-    // autograd decides what its gradient is); otherwise it runs below autograd, as a plain kernel.
-    auto [grad_input, grad_hx, grad_cx, grad_params] = [&] {
-      if (torch::autograd::GradMode::is_enabled()) return call_backward();
-      at::AutoDispatchBelowADInplaceOrView below_autograd;
-      return call_backward();
-    }();
+    const std::optional<Tensor> batch_sizes = ctx->saved_data["batch_sizes"].toOptional<Tensor>();
+    const bool has_biases = ctx->saved_data["has_biases"].toBool();
+    const int64_t num_layers = ctx->saved_data["num_layers"].toInt();
+    const bool bidirectional = ctx->saved_data["bidirectional"].toBool();
     // One gradient per forward argument: none for batch_sizes and the five options.
-    variable_list result{grad_input, Tensor(), grad_hx, grad_cx};
-    result.insert(result.end(), grad_params.begin(), grad_params.end());
+    variable_list result;
+    if (torch::autograd::GradMode::is_enabled() ||
+        std::any_of(grads.begin(), grads.begin() + 3, [](const Tensor& g) { return at::isBatchedTensor(g); })) {
+      // create_graph (double backward) or batched gradients (is_grads_batched): the hand-written
+      // backward has no derivative and no batching rule, so differentiate the recomputation.
+      const variable_list leaves(saved.begin(), saved.begin() + 3 + num_params);
+      result = recomputed_backward(leaves, batch_sizes, workspace.back(), has_biases, num_layers, bidirectional, grads);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      auto [grad_input, grad_hx, grad_cx, grad_params] =
+          op.call(saved[0], batch_sizes, saved[1], saved[2], params, workspace, defined_or_none(grads[0]),
+                  defined_or_none(grads[1]), defined_or_none(grads[2]), has_biases, num_layers, bidirectional);
+      result = {grad_input, grad_hx, grad_cx};
+      result.insert(result.end(), grad_params.begin(), grad_params.end());
+    }
+    result.insert(result.begin() + 1, Tensor());
     result.resize(result.size() + 5);
     return result;
   }
