@@ -31,7 +31,8 @@ struct CellParams {
 
 // One cell's weights packed once per call for all its products (see blas.h). The forward
 // multiplies by W_ih, W_hh and W_hr transposed, the backward by the weights themselves; each
-// packing cuts its columns into the groups a thread's share is taken from.
+// packing cuts its columns into the groups a thread's share is taken from. A call over at most
+// kMaxUnpackedRows rows (a decoding step) reads the weights as stored instead.
 template <typename scalar_t>
 struct PackedCell {
   using Weight = blas::PackedWeight<scalar_t>;
@@ -39,16 +40,21 @@ struct PackedCell {
   std::optional<Weight> projection;
   Tensor bias;  // b_ih + b_hh, for the forward of a cell with biases
 
-  static PackedCell for_forward(const CellParams& p) {
+  static constexpr int64_t kMaxUnpackedRows = 64;
+
+  static PackedCell for_forward(const CellParams& p, int64_t rows) {
     const int64_t H = p.hidden_size(), P = p.output_size();
-    return {Weight::rows_of(p.w_ih, 4 * H), Weight::rows_of(p.w_hh, H),
-            p.has_projection() ? std::optional<Weight>(Weight::rows_of(p.w_hr, P)) : std::nullopt,
+    const bool pack = rows > kMaxUnpackedRows;
+    return {Weight::rows_of(p.w_ih, 4 * H, pack), Weight::rows_of(p.w_hh, H, pack),
+            p.has_projection() ? std::optional<Weight>(Weight::rows_of(p.w_hr, P, pack)) : std::nullopt,
             p.b_ih.defined() ? (p.b_ih + p.b_hh).contiguous() : Tensor()};
   }
-  static PackedCell for_backward(const CellParams& p) {
+  static PackedCell for_backward(const CellParams& p, int64_t rows) {
     const int64_t H = p.hidden_size(), P = p.output_size();
-    return {Weight::columns_of(p.w_ih, p.w_ih.size(1)), Weight::columns_of(p.w_hh, P),
-            p.has_projection() ? std::optional<Weight>(Weight::columns_of(p.w_hr, H)) : std::nullopt, Tensor()};
+    const bool pack = rows > kMaxUnpackedRows;
+    return {Weight::columns_of(p.w_ih, p.w_ih.size(1), pack), Weight::columns_of(p.w_hh, P, pack),
+            p.has_projection() ? std::optional<Weight>(Weight::columns_of(p.w_hr, H, pack)) : std::nullopt,
+            Tensor()};
   }
 
   // The input projection of x's rows [begin, end) at once, one product: their x W_ihᵀ + b_ih + b_hh
