@@ -287,7 +287,9 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
     panels += panel_count(p.c.cols);
   }
   at::parallel_for(0, a.cols, row_grain(columns, a.rows), [&](int64_t begin, int64_t end) {
-    std::vector<T> packed_a(kRowBlock * kDepthBlock), packed_b(panels * kDepthBlock * W);
+    // Sized for the depth there is: a decoding step's few rows need a fraction of a depth block.
+    const int64_t max_depth = std::min(kDepthBlock, a.rows);
+    std::vector<T> packed_a(kRowBlock * max_depth), packed_b(panels * max_depth * W);
     for (const TransposedProduct<T>& p : products) {
       for (int64_t r = begin; r < end; ++r) std::fill_n(p.c.data + r * p.c.ld, p.c.cols, T(0));
     }
