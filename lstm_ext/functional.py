@@ -75,12 +75,18 @@ def lstm_cell(
 ) -> tuple[Tensor, Tensor]:
     """Drop-in for ``torch.lstm_cell``: one step on ``[B, I]``, returns ``(h_1, c_1)``."""
     h0, c0 = _unpack_hidden(hx, "lstm_cell")
-    _check_cell_args(input, h0, c0, w_ih, w_hh)
     has_biases = b_ih is not None
     if has_biases != (b_hh is not None):
         raise RuntimeError("lstm_ext.lstm_cell: b_ih and b_hh must both be given or both be None")
     params = [w_ih, w_hh, b_ih, b_hh] if has_biases else [w_ih, w_hh]
-    _, hy, cy = _forward(input.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), params, has_biases, 1, 0.0, False, False)
+    try:
+        _, hy, cy = _forward(input.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), params, has_biases, 1, 0.0,
+                             False, False)
+    except RuntimeError:
+        # The operator checks every shape; ATen's messages for the cell come from the checks here,
+        # run only when it failed: they cost a decoding step ~10% of its time.
+        _check_cell_args(input, h0, c0, w_ih, w_hh)
+        raise
     return hy[0], cy[0]
 
 
@@ -114,6 +120,9 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
     params = list(params)
     if input.device.type not in ("cpu", "meta"):
         raise NotImplementedError(f"lstm_ext runs on CPU only, got input on {input.device}; use torch.nn.LSTM there")
+    # Tangents exist only inside a dual level (torch.func.jvp enters one too): outside, the
+    # per-tensor look for them, ~40% of this loop, is skipped.
+    forward_ad_active = forward_ad._current_level >= 0
     for tensor in (input, hx, cx, *params):
         # One meta tensor among CPU ones would send the call to the shape-only implementation.
         if tensor.device != input.device:
@@ -124,7 +133,7 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         if tensor.layout != torch.strided:
             raise RuntimeError(f"lstm_ext: expected dense (strided) tensors, got one with layout {tensor.layout}")
         # Without this, forward-mode AD would silently drop the tangents.
-        if forward_ad.unpack_dual(tensor).tangent is not None:
+        if forward_ad_active and forward_ad.unpack_dual(tensor).tangent is not None:
             raise NotImplementedError(
                 "lstm_ext: forward-mode AD (torch.func.jvp, torch.func.jacfwd, torch.autograd.forward_ad) "
                 "is not supported"
@@ -138,7 +147,7 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         # the tracer's check traces again under no_grad, and the traced module may be trained.
         output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, True)
     elif torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params)):
-        output, hy, cy, *_workspace = _LSTMFunction.apply(input, batch_sizes, hx, cx, options, *params)
+        output, hy, cy, *_workspace = _apply(_LSTMFunction, input, batch_sizes, hx, cx, options, *params)
     else:
         output, hy, cy, _ = _below_autograd(_ops.forward, input, batch_sizes, hx, cx, params, *options, False)
     return output, hy, cy
@@ -158,6 +167,20 @@ def _below_autograd(op, *args):
 
 
 # ---- autograd: the hand-written backward operator ------------------------------------------------
+
+
+def _apply(function, *args):
+    """``function.apply(*args)``, less what ``Function.apply`` does in Python before its C++ base.
+
+    Without functorch transforms (and outside torch.compile, which traces ``apply`` itself) that
+    is binding the arguments to ``forward``'s signature for ``setup_context`` (which gets them
+    as they are: ``forward`` has no defaults) and unwrapping dead functorch wrappers (kept):
+    ~10 us, a third of a decoding step's call.
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*torch._functorch.utils.unwrap_dead_wrappers(args))
+
 
 
 class _LSTMFunction(torch.autograd.Function):
