@@ -99,16 +99,17 @@ struct Right {
   Right panel(int64_t q) const { return {data + q * panel_stride, panel_stride, depth_stride}; }
 };
 
-// c[Rows, Panels·width] += a[Rows, depth] · (Panels consecutive panels of b, `depth` deep). With
-// few rows, several panels at once keep enough independent accumulators to hide the FMA latency.
+// c[Rows, Panels·width] += a[Rows, depth] · (Panels consecutive panels of b, `depth` deep), or = without
+// `add_to_c`. With few rows, several panels at once keep enough independent accumulators to hide the
+// FMA latency.
 template <typename T, int Rows, int Panels>
-inline void tile(Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc) {
+inline void tile(Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc, bool add_to_c) {
   constexpr int64_t L = Vec<T>::size(), Cols = 2 * Panels;
   Vec<T> acc[Rows][Cols];
 #pragma GCC unroll 8
   for (int i = 0; i < Rows; ++i) {
 #pragma GCC unroll 8
-    for (int j = 0; j < Cols; ++j) acc[i][j] = Vec<T>::loadu(c + i * ldc + j * L);
+    for (int j = 0; j < Cols; ++j) acc[i][j] = add_to_c ? Vec<T>::loadu(c + i * ldc + j * L) : Vec<T>(T(0));
   }
   for (int64_t k = 0; k < depth; ++k) {
     Vec<T> b_k[Cols];
@@ -131,22 +132,23 @@ inline void tile(Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc) {
 }
 
 template <typename T, int Panels>
-inline void tile_rows(int64_t rows, Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc) {
+inline void tile_rows(int64_t rows, Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc, bool add_to_c) {
   switch (rows) {
-    case 1: return tile<T, 1, Panels>(a, b, depth, c, ldc);
-    case 2: return tile<T, 2, Panels>(a, b, depth, c, ldc);
-    case 3: return tile<T, 3, Panels>(a, b, depth, c, ldc);
-    case 4: return tile<T, 4, Panels>(a, b, depth, c, ldc);
-    case 5: return tile<T, 5, Panels>(a, b, depth, c, ldc);
-    default: return tile<T, 6, Panels>(a, b, depth, c, ldc);
+    case 1: return tile<T, 1, Panels>(a, b, depth, c, ldc, add_to_c);
+    case 2: return tile<T, 2, Panels>(a, b, depth, c, ldc, add_to_c);
+    case 3: return tile<T, 3, Panels>(a, b, depth, c, ldc, add_to_c);
+    case 4: return tile<T, 4, Panels>(a, b, depth, c, ldc, add_to_c);
+    case 5: return tile<T, 5, Panels>(a, b, depth, c, ldc, add_to_c);
+    default: return tile<T, 6, Panels>(a, b, depth, c, ldc, add_to_c);
   }
 }
 
-// c[rows, cols] += a[rows, depth] · b[depth, cols], in tiles of kTileRows rows. b must be
-// readable a whole panel wide: when cols is not a whole number of panels, its last panel's
+// c[rows, cols] += a[rows, depth] · b[depth, cols] (= without `add_to_c`), in tiles of kTileRows rows. b
+// must be readable a whole panel wide: when cols is not a whole number of panels, its last panel's
 // columns go through a full-width scratch tile.
 template <typename T>
-inline void tiles(int64_t rows, int64_t cols, Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc) {
+inline void tiles(int64_t rows, int64_t cols, Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc,
+                  bool add_to_c = true) {
   constexpr int64_t W = kPanelWidth<T>;
   const int64_t full = cols / W, rest = cols % W;
   for (int64_t r = 0; r < rows; r += kTileRows) {
@@ -156,16 +158,16 @@ inline void tiles(int64_t rows, int64_t cols, Left<T> a, Right<T> b, int64_t dep
     int64_t p = 0;
     // Fewer than three rows: walk four (one row) or two (two rows) panels at once.
     if (n == 1) {
-      for (; p + 4 <= full; p += 4) tile<T, 1, 4>(a_r, b.panel(p), depth, c_r + p * W, ldc);
+      for (; p + 4 <= full; p += 4) tile<T, 1, 4>(a_r, b.panel(p), depth, c_r + p * W, ldc, add_to_c);
     } else if (n == 2) {
-      for (; p + 2 <= full; p += 2) tile<T, 2, 2>(a_r, b.panel(p), depth, c_r + p * W, ldc);
+      for (; p + 2 <= full; p += 2) tile<T, 2, 2>(a_r, b.panel(p), depth, c_r + p * W, ldc, add_to_c);
     }
-    for (; p < full; ++p) tile_rows<T, 1>(n, a_r, b.panel(p), depth, c_r + p * W, ldc);
+    for (; p < full; ++p) tile_rows<T, 1>(n, a_r, b.panel(p), depth, c_r + p * W, ldc, add_to_c);
     if (rest > 0) {
       T scratch[kTileRows * W];
       T* c_rest = c_r + full * W;
       for (int64_t i = 0; i < n; ++i) std::memcpy(scratch + i * W, c_rest + i * ldc, rest * sizeof(T));
-      tile_rows<T, 1>(n, a_r, b.panel(full), depth, scratch, W);
+      tile_rows<T, 1>(n, a_r, b.panel(full), depth, scratch, W, add_to_c);
       for (int64_t i = 0; i < n; ++i) std::memcpy(c_rest + i * ldc, scratch + i * W, rest * sizeof(T));
     }
   }
@@ -226,7 +228,9 @@ inline void dot_tile(const T* a, int64_t lda, const T* w, int64_t ldw, int64_t d
   for (; k + L <= depth; k += L) step(k, L);
   if (k < depth) step(k, depth - k);  // masked loads: the lanes past depth are zeros
   for (int i = 0; i < Rows; ++i) {
-    for (int j = 0; j < Cols && j < cols; j += 4) add_lane_sums<T>(acc[i] + j, c + i * ldc + j, std::min<int64_t>(4, cols - j));
+    for (int j = 0; j < Cols && j < cols; j += 4) {
+      add_lane_sums<T>(acc[i] + j, c + i * ldc + j, std::min<int64_t>(4, cols - j));
+    }
   }
 }
 
@@ -260,7 +264,11 @@ template <typename T>
 void rows_times(Matrix<const T> a, const T* b, int64_t ldb, Matrix<T> c) {
   constexpr int64_t W = kPanelWidth<T>;
   const int64_t full = c.cols / W * W;
-  tiles<T>(c.rows, full, Left<T>::row_major(a.data, a.ld), Right<T>{b, W, ldb}, a.cols, c.data, c.ld);
+  // A depth block at a time, as the packed product: its slice of b stays cached while every row passes.
+  for (int64_t k0 = 0; k0 < a.cols; k0 += kDepthBlock) {
+    tiles<T>(c.rows, full, Left<T>::row_major(a.data + k0, a.ld), Right<T>{b + k0 * ldb, W, ldb},
+             std::min(kDepthBlock, a.cols - k0), c.data, c.ld);
+  }
   // The columns past the last whole panel: tiles would read a whole panel, past the end of b's rows.
   for (int64_t r = 0; r < c.rows; ++r) {
     const T* a_r = a.data + r * a.ld;
@@ -290,8 +298,10 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
     // Sized for the depth there is: a decoding step's few rows need a fraction of a depth block.
     const int64_t max_depth = std::min(kDepthBlock, a.rows);
     std::vector<T> packed_a(kRowBlock * max_depth), packed_b(panels * max_depth * W);
-    for (const TransposedProduct<T>& p : products) {
-      for (int64_t r = begin; r < end; ++r) std::fill_n(p.c.data + r * p.c.ld, p.c.cols, T(0));
+    if (a.rows == 0) {  // no depth block writes c: an empty batch's gradients are zeros
+      for (const TransposedProduct<T>& p : products) {
+        for (int64_t r = begin; r < end; ++r) std::fill_n(p.c.data + r * p.c.ld, p.c.cols, T(0));
+      }
     }
     for (int64_t k0 = 0; k0 < a.rows; k0 += kDepthBlock) {
       const int64_t depth = std::min(kDepthBlock, a.rows - k0);
@@ -328,7 +338,9 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
         const Left<T> a_block = Left<T>::packed(packed_a.data(), depth);
         const T* b_block = packed_b.data();
         for (const TransposedProduct<T>& p : products) {
-          tiles<T>(rows, p.c.cols, a_block, Right<T>::packed(b_block, depth), depth, p.c.data + r0 * p.c.ld, p.c.ld);
+          // The first depth block writes c (no zeroing pass first: at one row, it was most of the work).
+          tiles<T>(rows, p.c.cols, a_block, Right<T>::packed(b_block, depth), depth, p.c.data + r0 * p.c.ld, p.c.ld,
+                   /*add_to_c=*/k0 > 0);
           b_block += panel_count(p.c.cols) * depth * W;
         }
       }
