@@ -250,7 +250,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
       std::vector<PackedCell<scalar_t>> weights;
       for (int64_t d = 0; d < D; ++d) {
         const int64_t c = l * D + d;
-        weights.push_back(PackedCell<scalar_t>::for_forward(cells[c]));
+        weights.push_back(PackedCell<scalar_t>::for_forward(cells[c], N));
         gates.push_back(need_workspace ? ws.gates[c] : scratch_gates[d]);
         outputs.push_back(layer_output.narrow(1, d * P, P));
         h0s.push_back(h0[c]);
@@ -319,7 +319,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
       std::vector<PackedCell<scalar_t>> weights;
       for (int64_t d = 0; d < D; ++d) {
         const int64_t c = l * D + d;
-        weights.push_back(PackedCell<scalar_t>::for_backward(cells[c]));
+        weights.push_back(PackedCell<scalar_t>::for_backward(cells[c], N));
         dgates.push_back(all_dgates[d]);
         dh_rows.push_back(all_dh_rows.defined() ? all_dh_rows[d] : Tensor());
         grad_outs.push_back(grad_layer_output.defined() ? grad_layer_output.narrow(1, d * P, P) : Tensor());
