@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parent
 # The source list and flags shared with the JIT build, read without importing the package.
 build = runpy.run_path(str(ROOT / "lstm_ext" / "_extension.py"))
 BENCH_REQUIRES = ["tqdm", "matplotlib", "numpy"]
+ONNX_REQUIRES = ["onnx", "onnxscript", "onnxruntime"]  # export with both of torch.onnx's exporters, and run it
 
 setup(
     name="lstm_ext",
@@ -26,7 +27,9 @@ setup(
     install_requires=["torch"],
     extras_require={
         "bench": BENCH_REQUIRES,
-        "test": ["pytest", "hypothesis", *BENCH_REQUIRES],  # the suite smoke-tests the benchmark
+        "onnx": ONNX_REQUIRES,
+        # the suite smoke-tests the benchmark and runs the exported models in ONNX Runtime
+        "test": ["pytest", "hypothesis", *BENCH_REQUIRES, *ONNX_REQUIRES],
     },
     ext_modules=[
         CppExtension(

@@ -87,6 +87,12 @@ SMALL = Shape("small", 50, 16, 128, 128, cell_loop=True)
 LATENCY = Shape("latency", 20, 4, 64, 64, cell_loop=True)
 BATCH1 = Shape("batch1", 200, 1, 256, 256, cell_loop=True)
 PACKED_SMALL = Shape("packed_small", 50, 16, 64, 64, packed=True, cell_loop=True)
+# What autocast runs: native in the same dtype is the reference.
+REDUCED_PRECISION = tuple(
+    replace(shape, name=f"{shape.name}_{suffix}", dtype=dtype)
+    for dtype, suffix in (("bfloat16", "bf16"), ("float16", "f16"))
+    for shape in (SMALL, LATENCY, BATCH1)
+)
 
 GRIDS = {
     "tiny": with_padded_twins((
@@ -116,6 +122,7 @@ GRIDS = {
         replace(SMALL, name="small_f64", dtype="float64"),
         replace(LATENCY, name="latency_f64", dtype="float64"),
         replace(BATCH1, name="batch1_f64", dtype="float64"),
+        *REDUCED_PRECISION,
         Shape("packed", 100, 64, 256, 256, packed=True),
         Shape("packed_bidir", 100, 64, 256, 256, bidirectional=True, packed=True),
         PACKED_SMALL,
@@ -141,7 +148,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                           help=f"{name} shape grid" + (" (default)" if name == "quick" else ""))
     parser.set_defaults(grid="quick")
     parser.add_argument("--mode", choices=("inference", "training", "all"), default="all")
-    parser.add_argument("--dtype", choices=("float32", "float64", "all"), default="all")
+    parser.add_argument("--dtype", choices=("float32", "float64", "bfloat16", "float16", "all"), default="all")
     parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads(), metavar="N",
                         help="torch threads for every contender (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results",

@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <vector>
 
 namespace lstm_ext::blas {
@@ -98,16 +99,17 @@ struct Right {
   Right panel(int64_t q) const { return {data + q * panel_stride, panel_stride, depth_stride}; }
 };
 
-// c[Rows, Panels·width] += a[Rows, depth] · (Panels consecutive panels of b, `depth` deep). With
-// few rows, several panels at once keep enough independent accumulators to hide the FMA latency.
+// c[Rows, Panels·width] += a[Rows, depth] · (Panels consecutive panels of b, `depth` deep), or = without
+// `add_to_c`. With few rows, several panels at once keep enough independent accumulators to hide the
+// FMA latency.
 template <typename T, int Rows, int Panels>
-inline void tile(Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc) {
+inline void tile(Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc, bool add_to_c) {
   constexpr int64_t L = Vec<T>::size(), Cols = 2 * Panels;
   Vec<T> acc[Rows][Cols];
 #pragma GCC unroll 8
   for (int i = 0; i < Rows; ++i) {
 #pragma GCC unroll 8
-    for (int j = 0; j < Cols; ++j) acc[i][j] = Vec<T>::loadu(c + i * ldc + j * L);
+    for (int j = 0; j < Cols; ++j) acc[i][j] = add_to_c ? Vec<T>::loadu(c + i * ldc + j * L) : Vec<T>(T(0));
   }
   for (int64_t k = 0; k < depth; ++k) {
     Vec<T> b_k[Cols];
@@ -130,22 +132,23 @@ inline void tile(Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc) {
 }
 
 template <typename T, int Panels>
-inline void tile_rows(int64_t rows, Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc) {
+inline void tile_rows(int64_t rows, Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc, bool add_to_c) {
   switch (rows) {
-    case 1: return tile<T, 1, Panels>(a, b, depth, c, ldc);
-    case 2: return tile<T, 2, Panels>(a, b, depth, c, ldc);
-    case 3: return tile<T, 3, Panels>(a, b, depth, c, ldc);
-    case 4: return tile<T, 4, Panels>(a, b, depth, c, ldc);
-    case 5: return tile<T, 5, Panels>(a, b, depth, c, ldc);
-    default: return tile<T, 6, Panels>(a, b, depth, c, ldc);
+    case 1: return tile<T, 1, Panels>(a, b, depth, c, ldc, add_to_c);
+    case 2: return tile<T, 2, Panels>(a, b, depth, c, ldc, add_to_c);
+    case 3: return tile<T, 3, Panels>(a, b, depth, c, ldc, add_to_c);
+    case 4: return tile<T, 4, Panels>(a, b, depth, c, ldc, add_to_c);
+    case 5: return tile<T, 5, Panels>(a, b, depth, c, ldc, add_to_c);
+    default: return tile<T, 6, Panels>(a, b, depth, c, ldc, add_to_c);
   }
 }
 
-// c[rows, cols] += a[rows, depth] · b[depth, cols], in tiles of kTileRows rows. b must be
-// readable a whole panel wide: when cols is not a whole number of panels, its last panel's
+// c[rows, cols] += a[rows, depth] · b[depth, cols] (= without `add_to_c`), in tiles of kTileRows rows. b
+// must be readable a whole panel wide: when cols is not a whole number of panels, its last panel's
 // columns go through a full-width scratch tile.
 template <typename T>
-inline void tiles(int64_t rows, int64_t cols, Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc) {
+inline void tiles(int64_t rows, int64_t cols, Left<T> a, Right<T> b, int64_t depth, T* c, int64_t ldc,
+                  bool add_to_c = true) {
   constexpr int64_t W = kPanelWidth<T>;
   const int64_t full = cols / W, rest = cols % W;
   for (int64_t r = 0; r < rows; r += kTileRows) {
@@ -155,17 +158,126 @@ inline void tiles(int64_t rows, int64_t cols, Left<T> a, Right<T> b, int64_t dep
     int64_t p = 0;
     // Fewer than three rows: walk four (one row) or two (two rows) panels at once.
     if (n == 1) {
-      for (; p + 4 <= full; p += 4) tile<T, 1, 4>(a_r, b.panel(p), depth, c_r + p * W, ldc);
+      for (; p + 4 <= full; p += 4) tile<T, 1, 4>(a_r, b.panel(p), depth, c_r + p * W, ldc, add_to_c);
     } else if (n == 2) {
-      for (; p + 2 <= full; p += 2) tile<T, 2, 2>(a_r, b.panel(p), depth, c_r + p * W, ldc);
+      for (; p + 2 <= full; p += 2) tile<T, 2, 2>(a_r, b.panel(p), depth, c_r + p * W, ldc, add_to_c);
     }
-    for (; p < full; ++p) tile_rows<T, 1>(n, a_r, b.panel(p), depth, c_r + p * W, ldc);
+    for (; p < full; ++p) tile_rows<T, 1>(n, a_r, b.panel(p), depth, c_r + p * W, ldc, add_to_c);
     if (rest > 0) {
       T scratch[kTileRows * W];
       T* c_rest = c_r + full * W;
       for (int64_t i = 0; i < n; ++i) std::memcpy(scratch + i * W, c_rest + i * ldc, rest * sizeof(T));
-      tile_rows<T, 1>(n, a_r, b.panel(full), depth, scratch, W);
+      tile_rows<T, 1>(n, a_r, b.panel(full), depth, scratch, W, add_to_c);
       for (int64_t i = 0; i < n; ++i) std::memcpy(c_rest + i * ldc, scratch + i * W, rest * sizeof(T));
+    }
+  }
+}
+
+// Four accumulators' lane sums added to out[0, count), count <= 4: four dot products finished at once.
+template <typename T>
+inline void add_lane_sums(const Vec<T>* acc, T* out, int64_t count) {
+  T sums[4];
+#if defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<T, float>) {
+    const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
+    const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));
+    if (count == 4) return _mm_storeu_ps(out, _mm_add_ps(_mm_loadu_ps(out), quad));
+    _mm_storeu_ps(sums, quad);
+  } else {
+    const __m256d ab = _mm256_hadd_pd(acc[0], acc[1]), cd = _mm256_hadd_pd(acc[2], acc[3]);
+    const __m256d quad = _mm256_add_pd(_mm256_permute2f128_pd(ab, cd, 0x20), _mm256_permute2f128_pd(ab, cd, 0x31));
+    if (count == 4) return _mm256_storeu_pd(out, _mm256_add_pd(_mm256_loadu_pd(out), quad));
+    _mm256_storeu_pd(sums, quad);
+  }
+#else
+  for (int j = 0; j < 4; ++j) {
+    T lanes[Vec<T>::size()];
+    acc[j].store(lanes);
+    sums[j] = std::accumulate(lanes, lanes + Vec<T>::size(), T(0));
+  }
+#endif
+  for (int64_t j = 0; j < count; ++j) out[j] += sums[j];
+}
+
+// c[Rows, cols] += a[Rows, depth] · w[cols, depth]ᵀ for cols <= Cols (a multiple of 4), w's rows ldw
+// apart: Rows × Cols dot products along depth, w read as stored.
+template <typename T, int Rows, int Cols>
+inline void dot_tile(const T* a, int64_t lda, const T* w, int64_t ldw, int64_t depth, int64_t cols, T* c,
+                     int64_t ldc) {
+  constexpr int64_t L = Vec<T>::size();
+  Vec<T> acc[Rows][Cols];
+  const T* w_rows[Cols];
+#pragma GCC unroll 8
+  for (int j = 0; j < Cols; ++j) {
+    w_rows[j] = w + std::min<int64_t>(j, cols - 1) * ldw;  // past cols: a row again, summed but never stored
+#pragma GCC unroll 8
+    for (int i = 0; i < Rows; ++i) acc[i][j] = Vec<T>(T(0));
+  }
+  const auto step = [&](int64_t k, int64_t n) {
+    Vec<T> a_k[Rows];
+#pragma GCC unroll 8
+    for (int i = 0; i < Rows; ++i) a_k[i] = Vec<T>::loadu(a + i * lda + k, n);
+#pragma GCC unroll 8
+    for (int j = 0; j < Cols; ++j) {
+      const Vec<T> w_k = Vec<T>::loadu(w_rows[j] + k, n);
+#pragma GCC unroll 8
+      for (int i = 0; i < Rows; ++i) acc[i][j] = at::vec::fmadd(a_k[i], w_k, acc[i][j]);
+    }
+  };
+  int64_t k = 0;
+  for (; k + L <= depth; k += L) step(k, L);
+  if (k < depth) step(k, depth - k);  // masked loads: the lanes past depth are zeros
+  for (int i = 0; i < Rows; ++i) {
+    for (int j = 0; j < Cols && j < cols; j += 4) {
+      add_lane_sums<T>(acc[i] + j, c + i * ldc + j, std::min<int64_t>(4, cols - j));
+    }
+  }
+}
+
+// c[rows, cols] += a[rows, depth] · w[cols, depth]ᵀ for a weight whose rows (ldw apart) are contiguous, read
+// as stored: no packing. A block of four of w's rows stays in L1 while every row of a passes it.
+template <typename T>
+void dot_products(Matrix<const T> a, const T* w, int64_t ldw, Matrix<T> c) {
+  if (c.rows == 1) {  // eight columns at once: eight independent sums hide the FMA latency
+    for (int64_t j = 0; j < c.cols; j += 8) {
+      dot_tile<T, 1, 8>(a.data, a.ld, w + j * ldw, ldw, a.cols, std::min<int64_t>(8, c.cols - j), c.data + j, c.ld);
+    }
+    return;
+  }
+  for (int64_t j = 0; j < c.cols; j += 4) {
+    const int64_t cols = std::min<int64_t>(4, c.cols - j);
+    for (int64_t r = 0; r < c.rows; r += 3) {
+      const T* a_r = a.data + r * a.ld;
+      T* c_r = c.data + r * c.ld + j;
+      switch (std::min<int64_t>(3, c.rows - r)) {
+        case 1: dot_tile<T, 1, 4>(a_r, a.ld, w + j * ldw, ldw, a.cols, cols, c_r, c.ld); break;
+        case 2: dot_tile<T, 2, 4>(a_r, a.ld, w + j * ldw, ldw, a.cols, cols, c_r, c.ld); break;
+        default: dot_tile<T, 3, 4>(a_r, a.ld, w + j * ldw, ldw, a.cols, cols, c_r, c.ld);
+      }
+    }
+  }
+}
+
+// c[rows, cols] += a[rows, depth] · b[depth, cols] for a row-major b (rows ldb apart) read as stored: its
+// column panels are b's own columns, ldb apart in depth. No packing.
+template <typename T>
+void rows_times(Matrix<const T> a, const T* b, int64_t ldb, Matrix<T> c) {
+  constexpr int64_t W = kPanelWidth<T>;
+  const int64_t full = c.cols / W * W;
+  // A depth block at a time, as the packed product: its slice of b stays cached while every row passes.
+  for (int64_t k0 = 0; k0 < a.cols; k0 += kDepthBlock) {
+    tiles<T>(c.rows, full, Left<T>::row_major(a.data + k0, a.ld), Right<T>{b + k0 * ldb, W, ldb},
+             std::min(kDepthBlock, a.cols - k0), c.data, c.ld);
+  }
+  // The columns past the last whole panel: tiles would read a whole panel, past the end of b's rows.
+  for (int64_t r = 0; r < c.rows; ++r) {
+    const T* a_r = a.data + r * a.ld;
+    T* c_r = c.data + r * c.ld;
+    for (int64_t j = full; j < c.cols; j += Vec<T>::size()) {
+      const int64_t n = std::min<int64_t>(Vec<T>::size(), c.cols - j);
+      Vec<T> acc = Vec<T>::loadu(c_r + j, n);
+      for (int64_t k = 0; k < a.cols; ++k) acc = at::vec::fmadd(Vec<T>(a_r[k]), Vec<T>::loadu(b + k * ldb + j, n), acc);
+      acc.store(c_r + j, n);
     }
   }
 }
@@ -183,9 +295,13 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
     panels += panel_count(p.c.cols);
   }
   at::parallel_for(0, a.cols, row_grain(columns, a.rows), [&](int64_t begin, int64_t end) {
-    std::vector<T> packed_a(kRowBlock * kDepthBlock), packed_b(panels * kDepthBlock * W);
-    for (const TransposedProduct<T>& p : products) {
-      for (int64_t r = begin; r < end; ++r) std::fill_n(p.c.data + r * p.c.ld, p.c.cols, T(0));
+    // Sized for the depth there is: a decoding step's few rows need a fraction of a depth block.
+    const int64_t max_depth = std::min(kDepthBlock, a.rows);
+    std::vector<T> packed_a(kRowBlock * max_depth), packed_b(panels * max_depth * W);
+    if (a.rows == 0) {  // no depth block writes c: an empty batch's gradients are zeros
+      for (const TransposedProduct<T>& p : products) {
+        for (int64_t r = begin; r < end; ++r) std::fill_n(p.c.data + r * p.c.ld, p.c.cols, T(0));
+      }
     }
     for (int64_t k0 = 0; k0 < a.rows; k0 += kDepthBlock) {
       const int64_t depth = std::min(kDepthBlock, a.rows - k0);
@@ -222,7 +338,9 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
         const Left<T> a_block = Left<T>::packed(packed_a.data(), depth);
         const T* b_block = packed_b.data();
         for (const TransposedProduct<T>& p : products) {
-          tiles<T>(rows, p.c.cols, a_block, Right<T>::packed(b_block, depth), depth, p.c.data + r0 * p.c.ld, p.c.ld);
+          // The first depth block writes c (no zeroing pass first: at one row, it was most of the work).
+          tiles<T>(rows, p.c.cols, a_block, Right<T>::packed(b_block, depth), depth, p.c.data + r0 * p.c.ld, p.c.ld,
+                   /*add_to_c=*/k0 > 0);
           b_block += panel_count(p.c.cols) * depth * W;
         }
       }
@@ -236,14 +354,22 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
 // of kPanelWidth consecutive rows of W (columns of C), each stored depth-major: panel[k][lane].
 // W's rows are cut into groups (the four gate blocks of W_hh) so that no panel straddles two:
 // a thread owning a slice of every gate block then owns whole panels.
+//
+// A call that multiplies few rows by W (one decoding step) would spend more on packing than on
+// its arithmetic: it reads W as stored instead (not packed), by dot products along k where W's
+// rows are contiguous and by W's own rows as panels where its columns are. Nothing is kept
+// between calls, so nothing can be stale.
 template <typename T>
 class PackedWeight {
  public:
   static constexpr int64_t kPanelWidth = kOwnKernel<T> ? kernel::kPanelWidth<T> : 1;
 
-  // weight: a [n, k] view, any strides (a weight [k, n] transposed, for C = A·B).
-  PackedWeight(const at::Tensor& weight, int64_t group) : k_(weight.size(1)), group_(group) {
+  // weight: a [n, k] view, any strides (a weight [k, n] transposed, for C = A·B). `pack`: whether
+  // packing pays for this call (many rows); a weight with neither axis contiguous is packed anyway.
+  PackedWeight(const at::Tensor& weight, int64_t group, bool pack = true) : k_(weight.size(1)), group_(group) {
     if constexpr (!kOwnKernel<T>) {
+      unpacked_ = weight;
+    } else if (!pack && (reads_rows(weight) || reads_columns(weight))) {
       unpacked_ = weight;
     } else {
       const T* data = weight.data_ptr<T>();
@@ -299,9 +425,13 @@ class PackedWeight {
     }
   }
   // For C = A·Wᵀ with a weight W [n, k] as torch stores it.
-  static PackedWeight rows_of(const at::Tensor& weight, int64_t group) { return PackedWeight(weight, group); }
+  static PackedWeight rows_of(const at::Tensor& weight, int64_t group, bool pack = true) {
+    return PackedWeight(weight, group, pack);
+  }
   // For C = A·W with a weight W [k, n].
-  static PackedWeight columns_of(const at::Tensor& weight, int64_t group) { return PackedWeight(weight.t(), group); }
+  static PackedWeight columns_of(const at::Tensor& weight, int64_t group, bool pack = true) {
+    return PackedWeight(weight.t(), group, pack);
+  }
 
   // C = A · W[first_col : first_col + C.cols]ᵀ, plus C when `accumulate`, plus bias (indexed
   // like C's columns) when given. The columns must lie in one group and first_col must start a
@@ -315,6 +445,14 @@ class PackedWeight {
     if (c.rows == 0 || c.cols == 0) return;
     if constexpr (!kOwnKernel<T>) {
       multiply_aten(a, first_col, c, accumulate, bias);
+    } else if (!panels_.defined()) {
+      start_rows(c, accumulate, bias);
+      const T* w = unpacked_.data_ptr<T>();
+      if (reads_rows(unpacked_)) {
+        kernel::dot_products<T>(a, w + first_col * unpacked_.stride(0), unpacked_.stride(0), c);
+      } else {
+        kernel::rows_times<T>(a, w + first_col * unpacked_.stride(0), unpacked_.stride(1), c);
+      }
     } else {
       for (int64_t r = 0; r < c.rows; r += kernel::kRowBlock) {
         const int64_t rows = std::min(kernel::kRowBlock, c.rows - r);
@@ -328,6 +466,14 @@ class PackedWeight {
   void multiply_parallel(Matrix<const T> a, int64_t first_col, Matrix<T> c, bool accumulate,
                          const T* bias = nullptr) const {
     if constexpr (!kOwnKernel<T>) return multiply(a, first_col, c, accumulate, bias);  // ATen threads itself
+    if (!panels_.defined()) {  // few rows: split the columns instead, whole panels of ~1M multiply-adds each
+      const int64_t panels = (c.cols + kPanelWidth - 1) / kPanelWidth;
+      const int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, c.rows * kPanelWidth * k_));
+      return at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
+        const int64_t col = begin * kPanelWidth, cols = std::min(end * kPanelWidth, c.cols) - col;
+        multiply(a, first_col + col, {c.data + col, c.rows, cols, c.ld}, accumulate, bias ? bias + col : nullptr);
+      });
+    }
     at::parallel_for(0, c.rows, kernel::row_grain(c.cols, k_), [&](int64_t begin, int64_t end) {
       multiply({a.data + begin * a.ld, end - begin, a.cols, a.ld}, first_col,
                {c.data + begin * c.ld, end - begin, c.cols, c.ld}, accumulate, bias);
@@ -336,19 +482,26 @@ class PackedWeight {
 
  private:
   int64_t panels_per_group() const { return (group_ + kPanelWidth - 1) / kPanelWidth; }
+  // Whether W's rows (for dot products) or its columns (as panels) are contiguous.
+  static bool reads_rows(const at::Tensor& w) { return w.stride(1) == 1 || w.size(1) <= 1; }
+  static bool reads_columns(const at::Tensor& w) { return w.stride(0) == 1 || w.size(0) <= 1; }
+
+  // C's rows before the kernels add to them: kept, the bias, or zeros.
+  static void start_rows(Matrix<T> c, bool accumulate, const T* bias) {
+    if (accumulate) return;
+    for (int64_t r = 0; r < c.rows; ++r) {
+      T* row = c.data + r * c.ld;
+      if (bias) {
+        std::memcpy(row, bias, c.cols * sizeof(T));
+      } else {
+        std::fill(row, row + c.cols, T(0));
+      }
+    }
+  }
 
   void multiply_block(Matrix<const T> a, int64_t first_col, Matrix<T> c, bool accumulate, const T* bias,
                       bool descending) const {
-    if (!accumulate) {
-      for (int64_t r = 0; r < c.rows; ++r) {
-        T* row = c.data + r * c.ld;
-        if (bias) {
-          std::memcpy(row, bias, c.cols * sizeof(T));
-        } else {
-          std::fill(row, row + c.cols, T(0));
-        }
-      }
-    }
+    start_rows(c, accumulate, bias);
     constexpr int64_t W = kPanelWidth;
     const int64_t group = first_col / group_, within = first_col % group_;
     const T* panels = panels_.data_ptr<T>() + (group * panels_per_group() + within / W) * k_ * W;
@@ -375,7 +528,7 @@ class PackedWeight {
 
   int64_t k_, group_;
   at::Tensor panels_;    // [panels, k, kPanelWidth] (float, double)
-  at::Tensor unpacked_;  // [n, k] view of the weight (other types)
+  at::Tensor unpacked_;  // [n, k] view of the weight (other types, and float and double not packed)
 };
 
 // Every product's c [m, n] = aᵀ·b for a [k, m] and its b [k, n], all row-major: the weight

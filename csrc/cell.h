@@ -34,24 +34,38 @@ struct CellParams {
 
 // One cell's weights packed once per call for all its products (see blas.h). The forward
 // multiplies by W_ih, W_hh and W_hr transposed, the backward by the weights themselves; each
-// packing cuts its columns into the groups a thread's share is taken from.
+// packing cuts its columns into the groups a thread's share is taken from. A call over at most
+// kMaxUnpackedRows rows (a decoding step) reads the weights as stored instead.
 template <typename scalar_t>
 struct PackedCell {
   using Weight = blas::PackedWeight<scalar_t>;
   Weight input, recurrent;
   std::optional<Weight> projection;
   Tensor bias;  // b_ih + b_hh, for the forward of a cell with biases
+  // Or, in a call over few rows, the two biases, added row by row (no tensor op per call).
+  Tensor bias_ih, bias_hh;
 
-  static PackedCell for_forward(const CellParams& p) {
+  static constexpr int64_t kMaxUnpackedRows = 64;
+
+  static PackedCell for_forward(const CellParams& p, int64_t rows) {
     const int64_t H = p.hidden_size(), P = p.output_size();
-    return {Weight::rows_of(p.w_ih, 4 * H), Weight::rows_of(p.w_hh, H),
-            p.has_projection() ? std::optional<Weight>(Weight::rows_of(p.w_hr, P)) : std::nullopt,
-            p.b_ih.defined() ? (p.b_ih + p.b_hh).contiguous() : Tensor()};
+    const bool pack = rows > kMaxUnpackedRows;
+    PackedCell cell{Weight::rows_of(p.w_ih, 4 * H, pack), Weight::rows_of(p.w_hh, H, pack),
+                    p.has_projection() ? std::optional<Weight>(Weight::rows_of(p.w_hr, P, pack)) : std::nullopt};
+    if (p.b_ih.defined() && pack) {
+      cell.bias = (p.b_ih + p.b_hh).contiguous();
+    } else if (p.b_ih.defined()) {
+      cell.bias_ih = p.b_ih.contiguous();
+      cell.bias_hh = p.b_hh.contiguous();
+    }
+    return cell;
   }
-  static PackedCell for_backward(const CellParams& p) {
+  static PackedCell for_backward(const CellParams& p, int64_t rows) {
     const int64_t H = p.hidden_size(), P = p.output_size();
-    return {Weight::columns_of(p.w_ih, p.w_ih.size(1)), Weight::columns_of(p.w_hh, P),
-            p.has_projection() ? std::optional<Weight>(Weight::columns_of(p.w_hr, H)) : std::nullopt, Tensor()};
+    const bool pack = rows > kMaxUnpackedRows;
+    return {Weight::columns_of(p.w_ih, p.w_ih.size(1), pack), Weight::columns_of(p.w_hh, P, pack),
+            p.has_projection() ? std::optional<Weight>(Weight::columns_of(p.w_hr, H, pack)) : std::nullopt,
+            Tensor()};
   }
 
   // The input projection of x's rows [begin, end) at once, one product: their x W_ihᵀ + b_ih + b_hh
@@ -59,8 +73,17 @@ struct PackedCell {
   void project_input(const Tensor& x, int64_t begin, int64_t end, const Tensor& gates) const {
     const blas::Matrix<const scalar_t> in = blas::as_matrix<const scalar_t>(x);
     const blas::Matrix<scalar_t> out = blas::as_matrix<scalar_t>(gates);
+    const bool biases_per_row = bias_ih.defined();
+    if (biases_per_row) {
+      const scalar_t* b_ih = bias_ih.data_ptr<scalar_t>();
+      const scalar_t* b_hh = bias_hh.data_ptr<scalar_t>();
+      for (int64_t r = 0; r < end - begin; ++r) {
+        scalar_t* row = out.data + r * out.ld;
+        for (int64_t j = 0; j < out.cols; ++j) row[j] = b_ih[j] + b_hh[j];
+      }
+    }
     input.multiply_parallel({in.data + begin * in.ld, end - begin, in.cols, in.ld}, 0,
-                            {out.data, end - begin, out.cols, out.ld}, false,
+                            {out.data, end - begin, out.cols, out.ld}, /*accumulate=*/biases_per_row,
                             bias.defined() ? bias.data_ptr<scalar_t>() : nullptr);
   }
   // Its backward twin (on a PackedCell for_backward): grad_x = dgates · W_ih, or += with `accumulate`.

@@ -303,7 +303,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
         std::vector<PackedCell<scalar_t>> weights;
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = l * D + d;
-          weights.push_back(PackedCell<scalar_t>::for_forward(cells[c]));
+          weights.push_back(PackedCell<scalar_t>::for_forward(cells[c], N));
           gates.push_back(need_workspace ? ws.gates[c] : scratch_gates[d]);
           outputs.push_back(layer_output.narrow(1, d * P, P));
           h0s.push_back(h0[c]);
@@ -392,7 +392,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
         std::vector<PackedCell<scalar_t>> weights;
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = l * D + d;
-          weights.push_back(PackedCell<scalar_t>::for_backward(cells[c]));
+          weights.push_back(PackedCell<scalar_t>::for_backward(cells[c], N));
           dgates.push_back(all_dgates[d]);
           dh_rows.push_back(all_dh_rows.defined() ? all_dh_rows[d] : Tensor());
           grad_outs.push_back(grad_layer_output.defined() ? grad_layer_output.narrow(1, d * P, P) : Tensor());
@@ -452,8 +452,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
 // registered as CompositeImplicitAutograd: double backward, forward-mode AD and the torch.func
 // transforms differentiate or batch it op by op, where the fast operators have only their
 // hand-written first-order backward. Its batch sizes are a list, not a tensor: a transform
-// wraps every tensor argument, and a wrapped tensor has no data to read. `dropout_masks` ([L-1, N, D*P], from the forward's
-// workspace) replays a forward's dropout; without them, dropout in training draws new masks.
+// wraps every tensor argument, and a wrapped tensor has no data to read. `dropout_masks`
+// ([L-1, N, D*P], from the forward's workspace) replays a forward's dropout; without them,
+// dropout in training draws new masks.
 std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
     const Tensor& input, at::OptionalIntArrayRef batch_sizes, const Tensor& hx, const Tensor& cx,
     TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,

@@ -10,6 +10,9 @@ import_operators()
 
 from .functional import lstm, lstm_cell  # noqa: E402  (needs the operators registered)
 from .modules import LSTM, LSTMCell  # noqa: E402
+from .onnx import register as _register_onnx_export  # noqa: E402
+
+_register_onnx_export()
 
 __all__ = ["LSTM", "LSTMCell", "lstm", "lstm_cell", "load"]
 __version__ = "0.1.0"

@@ -1,7 +1,8 @@
 """The functional API: ``lstm`` (both overloads of ``torch._VF.lstm``) and ``lstm_cell``.
 
-The C++ operators do the work; this module only adapts arguments and wires autograd and the
-fake (shape-only) implementations through ``torch.library``, so autograd, ``torch.compile`` and
+The C++ operators do the work (with their autograd and autocast kernels, csrc/dispatch.cpp); this
+module only adapts arguments, runs a leaner autograd.Function around them, and wires the fake
+(shape-only) implementations through ``torch.library``, so autograd, ``torch.compile`` and
 ``torch.library.opcheck`` see ordinary dispatcher ops.
 """
 
@@ -137,14 +138,24 @@ def lstm_cell(
     Keyword-only: a variant's ``cell``, ``cell_params`` and ``zoneout``, as :func:`lstm`'s, and
     ``train`` (zoneout's masks, else its constants)."""
     h0, c0 = _unpack_hidden(hx, "lstm_cell")
-    _check_cell_args(input, h0, c0, w_ih, w_hh)
     has_biases = b_ih is not None
     if has_biases != (b_hh is not None):
         raise RuntimeError("lstm_ext.lstm_cell: b_ih and b_hh must both be given or both be None")
     params = [w_ih, w_hh, b_ih, b_hh] if has_biases else [w_ih, w_hh]
     params, cell_args = _variant_args(params, train, 1, False, **variant)
-    step = (input.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), params, has_biases, 1, 0.0, train, False)
-    _, hy, cy = _forward(*step, cell_args)
+    try:
+        _, hy, cy = _forward(input.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), params, has_biases, 1, 0.0,
+                             train, False, cell_args)
+    except RuntimeError:
+        # The operator checks every shape; ATen's messages for the cell come from the checks here,
+        # run only when it failed: they cost a decoding step ~10% of its time.
+        _check_cell_args(input, h0, c0, w_ih, w_hh)
+        raise
+    if torch.is_autocast_enabled("cpu"):
+        # Native's lstm_cell is not on autocast's list, only its matrix products are: the new
+        # states come out in the type of the cell state's update, f * c0 + i * g.
+        state_dtype = torch.promote_types(torch.get_autocast_dtype("cpu"), c0.dtype)
+        return hy[0].to(state_dtype), cy[0].to(state_dtype)
     return hy[0], cy[0]
 
 
@@ -192,6 +203,10 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
             raise RuntimeError(f"lstm_ext: expected dense (strided) tensors, got one with layout {tensor.layout}")
     if batch_sizes is not None and batch_sizes.device.type != "cpu":
         raise RuntimeError(f"lstm_ext: batch_sizes must be a CPU tensor, got one on {batch_sizes.device}")
+    if torch.is_autocast_enabled("cpu"):
+        input, hx, cx, *cast = _autocast(input, hx, cx, *params, *cell_params)
+        params, cell_params = cast[: len(params)], cast[len(params) :]
+        cell_args = (cell_args[0], cell_params, *cell_args[2:]) if cell_args else ()
     options = (has_biases, num_layers, float(dropout), train, bidirectional)
     transform = _transform_of(input, hx, cx, *params, *cell_params)
     if transform == "differentiable":
@@ -205,19 +220,27 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, need_workspace, *cell_args)
         return output, hy, cy
     if torch.jit.is_tracing():
-        # The graph records the dispatcher op (autograd through register_autograd below), not a
-        # Python autograd.Function it could not save, and the same op whatever the grad mode:
+        # The graph records the dispatcher op (its autograd is C++), not a Python
+        # autograd.Function it could not save, and the same op whatever the grad mode:
         # the tracer's check traces again under no_grad, and the traced module may be trained.
         output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, True, *cell_args)
     elif torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params, *cell_params)):
         variant = (cell_args[0], *cell_args[2:]) if cell_args else None
-        output, hy, cy, *_workspace = _LSTMFunction.apply(
-            input, batch_sizes, hx, cx, options, variant, len(params), *params, *cell_params
+        output, hy, cy, *_workspace = _apply(
+            _LSTMFunction, input, batch_sizes, hx, cx, options, variant, len(params), *params, *cell_params
         )
     else:
         args = (input, batch_sizes, hx, cx, params, *options, False, *cell_args)
         output, hy, cy, _ = _below_autograd(_ops.forward, *args)
     return output, hy, cy
+
+
+def _autocast(*tensors):
+    """What the operator's AutocastCPU kernel does (dispatch.cpp), done here where autograd records
+    the casts: the autograd.Function below calls the operator with its inputs' autograd cut off.
+    Native's policy: floating point tensors but float64 in autocast's dtype."""
+    dtype = torch.get_autocast_dtype("cpu")
+    return [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
 
 
 def _transform_of(*tensors) -> str | None:
@@ -233,11 +256,13 @@ def _transform_of(*tensors) -> str | None:
     """
     if torch.compiler.is_compiling():
         return None
-    if any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
+    # Tangents exist only inside a dual level (torch.func.jvp enters one too): outside, the
+    # per-tensor look for them is skipped.
+    if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
         return "differentiable"
-    kinds = {interpreter.key() for interpreter in torch._C._functorch.get_interpreter_stack() or ()}
-    if not kinds:
+    if not torch._C._are_functorch_transforms_active():
         return None
+    kinds = {interpreter.key() for interpreter in torch._C._functorch.get_interpreter_stack()}
     return "vmap" if kinds == {_TransformType.Vmap} else "differentiable"
 
 
@@ -258,8 +283,8 @@ def _as_list(batch_sizes):
 def _below_autograd(op, *args):
     """Calls ``op`` past its Autograd dispatch key, for callers that need no autograd from it.
 
-    The key's kernel is the Python wrapper that ``torch.library.register_autograd`` installs,
-    ~25 us a call even when it only passes the call on: a tenth of a small shape's forward.
+    lstm_ext::backward's kernel there is the Python wrapper that ``torch.library.register_autograd``
+    installs, ~25 us a call even when it only passes the call on: a tenth of a small shape's forward.
     Under torch.compile the call is traced as it is.
     """
     if torch.compiler.is_compiling():
@@ -271,12 +296,25 @@ def _below_autograd(op, *args):
 # ---- autograd: the hand-written backward operator ------------------------------------------------
 
 
+def _apply(function, *args):
+    """``function.apply(*args)``, less what ``Function.apply`` does in Python before its C++ base.
+
+    Without functorch transforms (and outside torch.compile, which traces ``apply`` itself) that
+    is binding the arguments to ``forward``'s signature for ``setup_context`` (which gets them
+    as they are: ``forward`` has no defaults) and unwrapping dead functorch wrappers (kept):
+    ~10 us, a third of a decoding step's call.
+    """
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return function.apply(*args)
+    return super(torch.autograd.Function, function).apply(*torch._functorch.utils.unwrap_dead_wrappers(args))
+
+
 class _LSTMFunction(torch.autograd.Function):
     """lstm_ext::forward with its backward twin, lstm_ext::backward.
 
     What ``lstm_ext.lstm`` runs: a plain autograd.Function costs a fraction of the generic
-    wrapper that ``torch.library.register_autograd`` puts around the operator (still registered
-    below, for callers of ``torch.ops.lstm_ext.forward``).
+    wrapper that ``torch.library.register_autograd`` would put around the operator. Callers of
+    ``torch.ops.lstm_ext.forward`` get the same backward from the operator's C++ autograd.
     """
 
     @staticmethod
@@ -394,22 +432,6 @@ def _recomputed_backward(input, batch_sizes, hx, cx, params, workspace, options,
     return grad_input, grad_hx, grad_cx, grad_params
 
 
-def _setup_context(ctx, inputs, output):
-    input, batch_sizes, hx, cx, params, has_biases, num_layers, _dropout, _train, bidirectional, _need, *rest = inputs
-    cell_args = () if rest[1] is None else tuple(rest)
-    options = (has_biases, num_layers, bidirectional)
-    _save_for_backward(ctx, input, batch_sizes, hx, cx, params, output[3], options, cell_args)
-
-
-def _backward(ctx, grad_output, grad_hy, grad_cy, _grad_workspace):
-    grad_input, grad_hx, grad_cx, grad_params = _run_backward(ctx, grad_output, grad_hy, grad_cy)
-    grad_cell_params = grad_params[len(grad_params) - ctx.num_cell_params :] if ctx.num_cell_params else None
-    grad_params = grad_params[: len(grad_params) - ctx.num_cell_params]
-    grads = (grad_input, None, grad_hx, grad_cx, grad_params, *[None] * 7, grad_cell_params, None, None)
-    # One per argument the caller gave (needs_input_grad's length): `inputs` had the defaults filled in.
-    return grads[: len(ctx.needs_input_grad)]
-
-
 def _backward_not_differentiable(ctx, *grads):
     raise RuntimeError(
         "lstm_ext::backward is not differentiable: differentiate lstm_ext::forward with create_graph=True, "
@@ -417,7 +439,6 @@ def _backward_not_differentiable(ctx, *grads):
     )
 
 
-torch.library.register_autograd("lstm_ext::forward", _backward, setup_context=_setup_context)
 torch.library.register_autograd("lstm_ext::backward", _backward_not_differentiable)
 
 

@@ -17,7 +17,7 @@ import math
 import types
 
 import torch
-from torch import nn
+from torch import nn, serialization
 from torch.nn.modules import rnn as _native_rnn
 
 from . import cells, functional
@@ -177,3 +177,8 @@ def _variant_cell_forward(self, input, hx=None):
     )
     forward = _with_lstm_ext_ops(nn.LSTMCell.forward, types.SimpleNamespace(lstm_cell=lstm_cell))
     return forward(self, input, hx)
+
+
+# torch.load's default (weights_only) unpickler builds only allow-listed classes. A script that
+# allow-lists nn.LSTM to load a whole-model checkpoint must load it with these drop-ins in it too.
+serialization.add_safe_globals([LSTM, LSTMCell])

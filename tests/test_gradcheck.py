@@ -10,6 +10,7 @@ import lstm_ext
 GRADCHECK_SIZES = dict(input_size=2, hidden_size=3)
 SEQ_LEN = 3
 BATCH = 2
+DROPOUT_SEED = 7
 
 GRADCHECK_CONFIGS = [
     pytest.param(dict(num_layers=1, bidirectional=False), id="layers1-uni"),
@@ -67,3 +68,80 @@ def test_gradcheck_input_hidden_and_weights(config):
 def test_gradcheck_packed_sequence(config):
     lstm, leaves = _lstm_inputs(config, lengths=torch.tensor([SEQ_LEN, SEQ_LEN - 2]))
     assert torch.autograd.gradcheck(lstm, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# torch.ops.lstm_ext.forward itself (what a traced or exported graph, or a C++ program, calls) is
+# differentiated by its C++ autograd, which keeps a workspace whenever a gradient is needed.
+@pytest.mark.parametrize("need_workspace", [False, True], ids=["no_workspace_asked", "workspace_asked"])
+@pytest.mark.parametrize("config", [c for c in GRADCHECK_CONFIGS if "batch_first" not in c.values[0]])
+def test_gradcheck_the_operator_through_its_cpp_autograd(config, need_workspace):
+    dtype = torch.float64
+    native, _ = make_lstm_pair(dtype=dtype, **GRADCHECK_SIZES, **config)
+    input = make_input(dtype, seq_len=SEQ_LEN, batch=BATCH, input_size=GRADCHECK_SIZES["input_size"])
+    leaves = leaf_copies([input, *make_hx(native, dtype, batch=BATCH), *native._flat_weights])
+    options = (native.bias, native.num_layers, 0.0, True, native.bidirectional, need_workspace)
+
+    def operator(input, h0, c0, *weights):
+        output, hy, cy, workspace = torch.ops.lstm_ext.forward(input, None, h0, c0, weights, *options)
+        assert bool(workspace) == need_workspace and output.grad_fn is not None
+        return output, hy, cy
+
+    assert torch.autograd.gradcheck(operator, leaves, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("config", [c for c in GRADCHECK_CONFIGS if "batch_first" not in c.values[0]])
+def test_gradgradcheck_the_operator_through_its_cpp_autograd(config):
+    """create_graph through the C++ autograd differentiates the recomputation, as lstm_ext.lstm does."""
+    dtype = torch.float64
+    native, _ = make_lstm_pair(dtype=dtype, **GRADCHECK_SIZES, **config)
+    input = make_input(dtype, seq_len=SEQ_LEN, batch=BATCH, input_size=GRADCHECK_SIZES["input_size"])
+    leaves = leaf_copies([input, *make_hx(native, dtype, batch=BATCH), *native._flat_weights])
+    options = (native.bias, native.num_layers, 0.0, True, native.bidirectional, False)
+
+    def operator(input, h0, c0, *weights):
+        return torch.ops.lstm_ext.forward(input, None, h0, c0, weights, *options)[:3]
+
+    assert torch.autograd.gradgradcheck(operator, leaves, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
+def test_gradient_penalty_through_the_operator_equals_lstm_ext_lstms(packed):
+    """With dropout in training (the recomputation replays the forward's masks) and packed input."""
+    dtype = torch.float64
+    native, _ = make_lstm_pair(dtype=dtype, **GRADCHECK_SIZES, num_layers=2, bidirectional=True)
+    input = make_input(dtype, seq_len=SEQ_LEN, batch=BATCH, input_size=GRADCHECK_SIZES["input_size"])
+    batch_sizes = None
+    if packed:
+        input, batch_sizes = pack_padded_sequence(input, torch.tensor([SEQ_LEN, SEQ_LEN - 2]))[:2]
+    leaves = leaf_copies([input, *make_hx(native, dtype, batch=BATCH), *native._flat_weights])
+    options = (True, 2, 0.5, True, True)
+    sequence = () if batch_sizes is None else (batch_sizes,)
+    flags = (False,) if batch_sizes is None else ()
+
+    def function(input, h0, c0, *weights):
+        return lstm_ext.lstm(input, *sequence, (h0, c0), list(weights), *options, *flags)
+
+    def operator(input, h0, c0, *weights):
+        return torch.ops.lstm_ext.forward(input, batch_sizes, h0, c0, weights, *options, False)[:3]
+
+    penalties = []
+    for f in (function, operator):
+        torch.manual_seed(DROPOUT_SEED)
+        grads = torch.autograd.grad(weighted_sum_loss(f(*leaves)), leaves, create_graph=True)
+        penalty = sum(grad.pow(2).sum() for grad in grads)
+        penalties.append(torch.autograd.grad(penalty, leaves))
+    for from_function, from_operator in zip(*penalties):
+        torch.testing.assert_close(from_operator, from_function, rtol=1e-10, atol=1e-10)
+
+
+def test_batched_gradients_through_the_operator_equal_a_loop():
+    dtype = torch.float64
+    native, _ = make_lstm_pair(dtype=dtype, **GRADCHECK_SIZES, num_layers=2, bidirectional=True)
+    input = make_input(dtype, seq_len=SEQ_LEN, batch=BATCH, input_size=GRADCHECK_SIZES["input_size"])
+    input, h0, c0 = leaf_copies([input, *make_hx(native, dtype, batch=BATCH)])
+    output = torch.ops.lstm_ext.forward(input, None, h0, c0, native._flat_weights, True, 2, 0.0, True, True, False)[0]
+    vectors = torch.randn(4, *output.shape, dtype=dtype)
+    batched = torch.autograd.grad(output, (input, h0), vectors, is_grads_batched=True, retain_graph=True)
+    looped = [torch.autograd.grad(output, (input, h0), vector, retain_graph=True) for vector in vectors]
+    for index, grads in enumerate(zip(*looped)):
+        torch.testing.assert_close(batched[index], torch.stack(grads), rtol=1e-10, atol=1e-10)

@@ -8,6 +8,9 @@ panels (16 float / 8 double columns), with and without projections, split betwee
 The same cases reach the weight gradients' transposed product (dgatesᵀ·x): more steps·batch
 than one depth block (many_rows), more gate rows than one row block (deep_hidden), input and
 hidden sizes that leave a narrow last panel.
+
+Every case runs twice: over a few steps, whose few rows read the weights as stored (dot products
+along the weight's rows forward, its rows as panels backward), and over enough steps to pack them.
 """
 
 import pytest
@@ -16,6 +19,7 @@ import torch
 from conftest import assert_matches_native, make_hx, make_input, make_lstm_pair, run_lstm
 
 SEQ_LEN = 4
+MAX_UNPACKED_ROWS = 64  # PackedCell::kMaxUnpackedRows: calls over more rows (steps · batch) pack the weights
 
 CASES = {
     "deep_input": dict(input_size=300, hidden_size=16, batch=2),
@@ -28,14 +32,16 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
 @pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
-def test_kernel_edges_match_native(num_threads, dtype, bidirectional, case):
+def test_kernel_edges_match_native(num_threads, dtype, bidirectional, case, packed):
     case = dict(case)
     batch = case.pop("batch")
+    seq_len = max(SEQ_LEN, MAX_UNPACKED_ROWS // batch + 1) if packed else SEQ_LEN
     native, ext = make_lstm_pair(dtype=dtype, bidirectional=bidirectional, **case)
-    input = make_input(dtype, seq_len=SEQ_LEN, batch=batch, input_size=case["input_size"])
+    input = make_input(dtype, seq_len=seq_len, batch=batch, input_size=case["input_size"])
     assert_matches_native(native, ext, input, make_hx(native, dtype, batch=batch))
 
 

@@ -1,0 +1,233 @@
+"""Benchmark step-by-step decoding: lstm_ext against native, one step per call.
+
+Two loops, each over --steps steps with the state fed back, on the same seeded weights:
+
+  cell  h, c = cell(x[t], (h, c))                        lstm_ext.LSTMCell vs nn.LSTMCell
+  t1    y, (h, c) = lstm(x[t:t + 1], (h, c))             lstm_ext.LSTM vs nn.LSTM, T=1
+
+"inference" runs the loop under torch.inference_mode; "training" runs it with
+gradients and then takes those of the input and every weight of a weighted sum
+of every step's h and the last c (BPTT through the Python loop). Native's LSTM
+runs as by default (oneDNN for float32). With onnxruntime importable, inference
+t1 rows also time ONNX Runtime on nn.LSTM exported with one step (spinning off,
+the same thread count); without it they say so.
+
+Correctness first: the results must match native to bench_cases.TOLERANCE, or
+the row is FAILED and not timed. Timing as in bench.py: round-robin repeats in
+a seeded random order, each ratio (contender time / lstm_ext time, > 1: lstm_ext
+faster) the median of the ratios within one repeat. Per loop and mode, the
+geometric mean of the ratios.
+
+    python benchmarks/bench_step.py                      # the grid: B 1-64, H 64-1024
+    python benchmarks/bench_step.py --batches 1 --hidden 256 --loops cell
+"""
+
+import argparse
+import io
+import math
+import random
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+from itertools import product
+
+import torch
+from torch import nn
+
+from bench import gc_disabled, positive_int
+from bench_cases import TOLERANCE, compare
+
+LOOPS = ("cell", "t1")
+MODES = ("inference", "training")
+MIN_SAMPLE_S = 5e-3
+CONTENDERS = ("lstm_ext", "native", "onnxruntime")
+
+
+@dataclass(frozen=True)
+class StepShape:
+    loop: str
+    B: int
+    H: int
+    dtype: str = "float32"
+
+    def describe(self) -> str:
+        return f"{self.loop} B{self.B} I{self.H} H{self.H}"
+
+
+@dataclass
+class StepProblem:
+    shape: StepShape
+    modules: dict  # contender name -> module with the same weights
+    x: torch.Tensor  # [steps, B, I]
+    h0: torch.Tensor  # [B, H]
+    c0: torch.Tensor
+    loss_weights: torch.Tensor  # [steps, B, H], for every step's h
+
+
+def make_problem(shape: StepShape, steps: int, seed: int = 0) -> StepProblem:
+    import lstm_ext
+
+    torch.manual_seed(seed)
+    dtype = getattr(torch, shape.dtype)
+    native_class, ext_class = (nn.LSTMCell, lstm_ext.LSTMCell) if shape.loop == "cell" else (nn.LSTM, lstm_ext.LSTM)
+    native = native_class(shape.H, shape.H, dtype=dtype)
+    ext = ext_class(shape.H, shape.H, dtype=dtype)
+    ext.load_state_dict(native.state_dict())
+    randn = lambda *size: torch.randn(*size, dtype=dtype)  # noqa: E731
+    return StepProblem(shape, {"lstm_ext": ext, "native": native}, randn(steps, shape.B, shape.H),
+                       randn(shape.B, shape.H), randn(shape.B, shape.H), randn(steps, shape.B, shape.H))
+
+
+def decode(module, problem: StepProblem) -> tuple:
+    """The loop: every step's h stacked, and the last c."""
+    h, c = problem.h0, problem.c0
+    hs = []
+    if problem.shape.loop == "cell":
+        for x_t in problem.x:
+            h, c = module(x_t, (h, c))
+            hs.append(h)
+        return torch.stack(hs), c
+    h, c = h.unsqueeze(0), c.unsqueeze(0)
+    for t in range(problem.x.size(0)):
+        y, (h, c) = module(problem.x[t:t + 1], (h, c))
+        hs.append(y[0])
+    return torch.stack(hs), c[0]
+
+
+def run(module, problem: StepProblem, train: bool) -> list:
+    """Inference: the outputs. Training: the outputs and the gradients of input and weights."""
+    if not train:
+        with torch.inference_mode():
+            return list(decode(module, problem))
+    x = problem.x.clone().requires_grad_()
+    hs, c = decode(module, StepProblem(**{**vars(problem), "x": x}))
+    loss = (hs * problem.loss_weights).sum() + c.sum()
+    grads = torch.autograd.grad(loss, [x, *module.parameters()])
+    return [hs.detach(), c.detach(), *grads]
+
+
+def onnx_runner(problem: StepProblem, threads: int):
+    """ONNX Runtime on nn.LSTM exported for one step, as a module-like callable; None when absent."""
+    try:
+        import onnxruntime
+    except ImportError:
+        return None
+    shape, native = problem.shape, problem.modules["native"]
+    x1, h1 = problem.x[:1], problem.h0.unsqueeze(0)
+    model = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(native, (x1, (h1, h1)), model, input_names=["x", "h", "c"],
+                          output_names=["y", "h_n", "c_n"], dynamo=False)
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    session = onnxruntime.InferenceSession(model.getvalue(), options, providers=["CPUExecutionProvider"])
+
+    def step(x, state):
+        y, h, c = session.run(None, {"x": x.numpy(), "h": state[0].numpy(), "c": state[1].numpy()})
+        return torch.from_numpy(y), (torch.from_numpy(h), torch.from_numpy(c))
+
+    return step
+
+
+def time_sample(module, problem: StepProblem, train: bool, calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        run(module, problem, train)
+    return (time.perf_counter() - start) / calls
+
+
+def measure_row(shape: StepShape, mode: str, steps: int, repeats: int, threads: int) -> dict:
+    train = mode == "training"
+    problem = make_problem(shape, steps)
+    contenders = dict(problem.modules)
+    note = None
+    if not train and shape.loop == "t1":
+        runner = onnx_runner(problem, threads)
+        if runner is None:
+            note = "onnxruntime not importable: no ONNX Runtime column"
+        else:
+            contenders["onnxruntime"] = runner
+    row = {"loop": shape.loop, "B": shape.B, "H": shape.H, "dtype": shape.dtype, "mode": mode, "steps": steps,
+           "dims": shape.describe(), "status": "ok", "error": None, "note": note, "ms_per_step": {}, "ratios": {}}
+    with gc_disabled():
+        expected = run(contenders["native"], problem, train)
+        for name, module in contenders.items():
+            err, worst = compare([f"result {i}" for i in range(len(expected))], run(module, problem, train), expected)
+            if not err <= TOLERANCE[shape.dtype]:
+                return {**row, "status": "FAILED", "error": f"{name} {worst} rel err {err:.2e}"}
+        calls = {n: max(1, math.ceil(MIN_SAMPLE_S / time_sample(m, problem, train, 1))) for n, m in contenders.items()}
+        samples = {n: [] for n in contenders}
+        order = random.Random(0)
+        for _ in range(repeats):
+            for name in order.sample(list(contenders), len(contenders)):
+                samples[name].append(time_sample(contenders[name], problem, train, calls[name]))
+    ext = samples["lstm_ext"]
+    row["ms_per_step"] = {n: 1e3 * statistics.median(s) / steps for n, s in samples.items()}
+    row["ratios"] = {n: statistics.median(a / b for a, b in zip(s, ext)) for n, s in samples.items() if n != "lstm_ext"}
+    return row
+
+
+def geomean(values: list) -> float:
+    return math.exp(sum(map(math.log, values)) / len(values)) if values else math.nan
+
+
+def report(rows: list) -> str:
+    contenders = [n for n in CONTENDERS if any(n in r["ms_per_step"] for r in rows)]
+    ratio_names = [n for n in contenders if n != "lstm_ext"]
+    lines = ["| loop | dims | mode | " + " | ".join(f"{n} ms/step" for n in contenders) + " | "
+             + " | ".join(f"{n}/ext" for n in ratio_names) + " | status |",
+             "|---" * (4 + len(contenders) + len(ratio_names)) + "|"]
+    for r in rows:
+        times = [f"{r['ms_per_step'][n]:.4g}" if n in r["ms_per_step"] else "-" for n in contenders]
+        ratios = [f"{r['ratios'][n]:.2f}" if n in r["ratios"] else "-" for n in ratio_names]
+        lines.append(f"| {r['loop']} | {r['dims']} | {r['mode']} | " + " | ".join(times + ratios)
+                     + f" | {r['status']} |")
+    lines.append("")
+    for loop, mode in product(sorted({r["loop"] for r in rows}), MODES):
+        ok = [r for r in rows if r["loop"] == loop and r["mode"] == mode and r["status"] == "ok"]
+        if ok:
+            native = [r["ratios"]["native"] for r in ok]
+            lines.append(f"geomean native/ext {loop} {mode}: {geomean(native):.2f} over {len(ok)} rows"
+                         f" (min {min(native):.2f})")
+    ok = [r["ratios"]["native"] for r in rows if r["status"] == "ok"]
+    lines.append(f"geomean native/ext, all rows: {geomean(ok):.2f} (min {min(ok, default=math.nan):.2f})")
+    lines += sorted({f"note: {r['note']}" for r in rows if r["note"]})
+    lines += [f"FAILED {r['dims']} {r['mode']}: {r['error']}" for r in rows if r["status"] != "ok"]
+    return "\n".join(lines)
+
+
+def csv_ints(text: str) -> list:
+    return [positive_int(v) for v in text.split(",")]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--loops", default=",".join(LOOPS), help="cell, t1 or both (default: %(default)s)")
+    parser.add_argument("--mode", choices=(*MODES, "all"), default="all")
+    parser.add_argument("--batches", type=csv_ints, default=[1, 8, 32, 64], metavar="B[,B]")
+    parser.add_argument("--hidden", type=csv_ints, default=[64, 256, 512, 1024], metavar="H[,H]")
+    parser.add_argument("--dtype", choices=tuple(TOLERANCE), default="float32")
+    parser.add_argument("--steps", type=positive_int, default=32, help="steps fed back per loop")
+    parser.add_argument("--repeats", type=positive_int, default=5)
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    modes = MODES if args.mode == "all" else (args.mode,)
+    print(f"torch {torch.__version__} | threads {args.threads} | steps {args.steps} | repeats {args.repeats}")
+    rows = []
+    for loop, mode, H, B in product(args.loops.split(","), modes, args.hidden, args.batches):
+        rows.append(measure_row(StepShape(loop, B, H, args.dtype), mode, args.steps, args.repeats, args.threads))
+        r = rows[-1]
+        print(f"{r['dims']} {mode}: " + ", ".join(f"{n}/ext {v:.2f}" for n, v in r["ratios"].items())
+              + ("" if r["status"] == "ok" else f" {r['status']} {r['error']}"), flush=True)
+    print(report(rows))
+    return 0 if all(r["status"] == "ok" for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

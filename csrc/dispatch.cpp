@@ -1,0 +1,232 @@
+// lstm_ext::forward's kernels above its CPU one: what the dispatcher runs before the operator.
+//
+// Autograd: the hand-written backward, lstm_ext::backward, as a C++ autograd Function, so that the
+// operator is differentiable without Python (a libtorch program, a traced or exported graph run
+// from C++). Under create_graph, and for batched gradients, it differentiates the recomputation
+// lstm_ext::forward_differentiable instead. lstm_ext.lstm in Python runs its own autograd.Function
+// (functional.py), the same backward, and calls the operator below this kernel.
+//
+// AutocastCPU: native's cast policy for lstm (lower_precision_fp, the one of mkldnn_rnn_layer, the
+// kernel native's LSTM runs on CPU): every floating point tensor but float64 in autocast's dtype,
+// through autocast's weight cache, so the output comes out in that dtype and autograd records the
+// casts (gradients reach float32 weights in float32).
+#include <ATen/LegacyBatchedTensorImpl.h>
+#include <ATen/autocast_mode.h>
+#include <torch/csrc/autograd/autograd.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace lstm_ext {
+namespace {
+
+using at::Tensor;
+using at::TensorList;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardSignature = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(
+    const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, TensorList, bool, int64_t, double,
+    bool, bool, bool, c10::string_view, std::optional<TensorList>, double, at::ArrayRef<double>);
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> call_forward(
+    const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
+    TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
+    bool need_workspace, c10::string_view cell, std::optional<TensorList> cell_params, double recurrent_dropout,
+    at::ArrayRef<double> zoneout) {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::forward", "").typed<ForwardSignature>();
+  return op.call(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
+                 need_workspace, cell, cell_params, recurrent_dropout, zoneout);
+}
+
+using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(
+    const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, TensorList, TensorList,
+    const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, bool, int64_t, bool,
+    c10::string_view, std::optional<TensorList>, at::ArrayRef<double>);
+
+using ForwardDifferentiableSignature = std::tuple<Tensor, Tensor, Tensor>(
+    const Tensor&, at::OptionalIntArrayRef, const Tensor&, const Tensor&, TensorList, bool, int64_t, double, bool, bool,
+    const std::optional<Tensor>&, c10::string_view, std::optional<TensorList>, double, const std::optional<Tensor>&,
+    at::ArrayRef<double>, std::optional<TensorList>);
+
+// A cell variant's name and options, as the operators take them after their plain-LSTM arguments.
+struct Variant {
+  std::string cell;
+  double recurrent_dropout;
+  std::vector<double> zoneout;
+};
+
+std::optional<Tensor> defined_or_none(const Tensor& grad) {
+  return grad.defined() ? std::optional<Tensor>(grad) : std::nullopt;
+}
+
+// The backward as autograd through lstm_ext::forward_differentiable, replaying the forward's
+// masks (the workspace's last four: dropout's, recurrent dropout's, zoneout's): differentiable
+// itself when grad mode is on (create_graph). The gradients of input, hx, cx, each weight and
+// each cell parameter (leaves in that order, num_params weights), undefined where that one does
+// not require grad. (The same as functional.py's _recomputed_backward, for lstm_ext.lstm.)
+variable_list recomputed_backward(const variable_list& leaves, int64_t num_params,
+                                  const std::optional<Tensor>& batch_sizes, TensorList workspace, bool has_biases,
+                                  int64_t num_layers, bool bidirectional, const Variant& variant,
+                                  const variable_list& grads) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("lstm_ext::forward_differentiable", "")
+                             .typed<ForwardDifferentiableSignature>();
+  const bool create_graph = torch::autograd::GradMode::is_enabled();
+  const Tensor sizes = batch_sizes.has_value() ? batch_sizes->contiguous() : Tensor();
+  const at::OptionalIntArrayRef size_list =
+      sizes.defined() ? at::OptionalIntArrayRef(at::IntArrayRef(sizes.data_ptr<int64_t>(), sizes.numel()))
+                      : std::nullopt;
+  variable_list used_outputs, used_grads, wanted;
+  {
+    torch::autograd::AutoGradMode enable_grad(true);
+    const TensorList all(leaves);
+    const auto [output, hy, cy] =
+        op.call(leaves[0], size_list, leaves[1], leaves[2], all.slice(3, num_params), has_biases, num_layers, 0.0,
+                false, bidirectional, workspace[5], variant.cell, all.slice(3 + num_params), variant.recurrent_dropout,
+                workspace[6], variant.zoneout, workspace.slice(7));
+    const Tensor outputs[] = {output, hy, cy};
+    for (size_t i = 0; i < 3; ++i) {
+      if (grads[i].defined()) {
+        used_outputs.push_back(outputs[i]);
+        used_grads.push_back(grads[i]);
+      }
+    }
+  }
+  for (const Tensor& leaf : leaves) {
+    if (leaf.requires_grad()) wanted.push_back(leaf);
+  }
+  const variable_list found =
+      used_outputs.empty() || wanted.empty()
+          ? variable_list(wanted.size())
+          : torch::autograd::grad(used_outputs, wanted, used_grads, std::nullopt, create_graph, /*allow_unused=*/true);
+  variable_list result;
+  size_t next = 0;
+  for (const Tensor& leaf : leaves) result.push_back(leaf.requires_grad() ? found[next++] : Tensor());
+  return result;
+}
+
+// forward's outputs are (output, hy, cy, workspace...); the workspace is what the backward reads.
+class LSTMFunction : public torch::autograd::Function<LSTMFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& batch_sizes,
+                               const Tensor& hx, const Tensor& cx, TensorList params, bool has_biases,
+                               int64_t num_layers, double dropout, bool train, bool bidirectional,
+                               c10::string_view cell, TensorList cell_params, double recurrent_dropout,
+                               at::ArrayRef<double> zoneout) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, hy, cy, workspace] =
+        call_forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
+                     /*need_workspace=*/true, cell, cell_params, recurrent_dropout, zoneout);
+    ctx->mark_non_differentiable(workspace);
+    // Outputs without a gradient (the workspace, often h_n and c_n) reach the backward undefined,
+    // which it reads as zeros, instead of as zero tensors autograd would fill.
+    ctx->set_materialize_grads(false);
+    ctx->saved_data["batch_sizes"] = batch_sizes;
+    ctx->saved_data["num_params"] = static_cast<int64_t>(params.size());
+    ctx->saved_data["has_biases"] = has_biases;
+    ctx->saved_data["num_layers"] = num_layers;
+    ctx->saved_data["bidirectional"] = bidirectional;
+    ctx->saved_data["cell"] = std::string(cell);
+    ctx->saved_data["recurrent_dropout"] = recurrent_dropout;
+    ctx->saved_data["zoneout"] = zoneout.vec();
+    variable_list saved{input, hx, cx};
+    saved.insert(saved.end(), params.begin(), params.end());
+    saved.insert(saved.end(), cell_params.begin(), cell_params.end());
+    ctx->saved_data["num_cell_params"] = static_cast<int64_t>(cell_params.size());
+    saved.insert(saved.end(), workspace.begin(), workspace.end());
+    ctx->save_for_backward(saved);
+    variable_list outputs{output, hy, cy};
+    outputs.insert(outputs.end(), workspace.begin(), workspace.end());
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op =
+        c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::backward", "").typed<BackwardSignature>();
+    const variable_list saved = ctx->get_saved_variables();
+    const int64_t num_params = ctx->saved_data["num_params"].toInt();
+    const int64_t num_cell_params = ctx->saved_data["num_cell_params"].toInt();
+    const TensorList params = TensorList(saved).slice(3, num_params);
+    const TensorList cell_params = TensorList(saved).slice(3 + num_params, num_cell_params);
+    const TensorList workspace = TensorList(saved).slice(3 + num_params + num_cell_params);
+    const Variant variant{ctx->saved_data["cell"].toStringRef(), ctx->saved_data["recurrent_dropout"].toDouble(),
+                          ctx->saved_data["zoneout"].toDoubleVector()};
+    const std::optional<Tensor> batch_sizes = ctx->saved_data["batch_sizes"].toOptional<Tensor>();
+    const bool has_biases = ctx->saved_data["has_biases"].toBool();
+    const int64_t num_layers = ctx->saved_data["num_layers"].toInt();
+    const bool bidirectional = ctx->saved_data["bidirectional"].toBool();
+    // The gradients of input, hx, cx, the weights and the cell parameters, in that order.
+    variable_list result;
+    if (torch::autograd::GradMode::is_enabled() ||
+        std::any_of(grads.begin(), grads.begin() + 3, [](const Tensor& g) { return at::isBatchedTensor(g); })) {
+      // create_graph (double backward) or batched gradients (is_grads_batched): the hand-written
+      // backward has no derivative and no batching rule, so differentiate the recomputation.
+      const variable_list leaves(saved.begin(), saved.begin() + 3 + num_params + num_cell_params);
+      result = recomputed_backward(leaves, num_params, batch_sizes, workspace, has_biases, num_layers, bidirectional,
+                                   variant, grads);
+    } else {
+      at::AutoDispatchBelowADInplaceOrView below_autograd;
+      auto [grad_input, grad_hx, grad_cx, grad_params] =
+          op.call(saved[0], batch_sizes, saved[1], saved[2], params, workspace, defined_or_none(grads[0]),
+                  defined_or_none(grads[1]), defined_or_none(grads[2]), has_biases, num_layers, bidirectional,
+                  variant.cell, cell_params, variant.zoneout);
+      result = {grad_input, grad_hx, grad_cx};
+      result.insert(result.end(), grad_params.begin(), grad_params.end());
+    }
+    // One gradient per forward argument (each tensor of a list its own): none for batch_sizes,
+    // the five options, the cell's name, recurrent_dropout and zoneout.
+    const auto cell_grads = result.end() - num_cell_params;
+    variable_list per_argument(result.begin(), result.begin() + 1);
+    per_argument.push_back(Tensor());
+    per_argument.insert(per_argument.end(), result.begin() + 1, cell_grads);
+    per_argument.resize(per_argument.size() + 6);
+    per_argument.insert(per_argument.end(), cell_grads, result.end());
+    per_argument.resize(per_argument.size() + 2);
+    return per_argument;
+  }
+};
+
+// The Autograd kernel: LSTMFunction whenever a gradient will be needed, the workspace returned as
+// the caller asked; else straight to the operator below autograd.
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> autograd_forward(
+    const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
+    TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
+    bool need_workspace, c10::string_view cell, std::optional<TensorList> cell_params, double recurrent_dropout,
+    at::ArrayRef<double> zoneout) {
+  const TensorList cell_weights = cell_params.value_or(TensorList());
+  const auto requires_grad = [](const Tensor& t) { return t.requires_grad(); };
+  const bool needs_gradient =
+      torch::autograd::GradMode::is_enabled() &&
+      (input.requires_grad() || hx.requires_grad() || cx.requires_grad() ||
+       std::any_of(params.begin(), params.end(), requires_grad) ||
+       std::any_of(cell_weights.begin(), cell_weights.end(), requires_grad));
+  if (!needs_gradient) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    return call_forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
+                        need_workspace, cell, cell_params, recurrent_dropout, zoneout);
+  }
+  variable_list outputs = LSTMFunction::apply(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout,
+                                              train, bidirectional, cell, cell_weights, recurrent_dropout, zoneout);
+  std::vector<Tensor> workspace = need_workspace ? std::vector<Tensor>(outputs.begin() + 3, outputs.end())
+                                                 : std::vector<Tensor>{};
+  return {outputs[0], outputs[1], outputs[2], std::move(workspace)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
+  m.impl("forward", &autograd_forward);
+}
+
+TORCH_LIBRARY_IMPL(lstm_ext, AutocastCPU, m) {
+  m.impl("forward", &at::autocast::WrapFunction<at::autocast::CastPolicy::lower_precision_fp, c10::DeviceType::CPU,
+                                                ForwardSignature, ForwardSignature, &call_forward>::type::call);
+}
+
+}  // namespace lstm_ext
