@@ -273,9 +273,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   const Tensor h0 = hx.contiguous(), c0 = cx.contiguous();
   Tensor hy = h0.clone(), cy = c0.clone();
   const int64_t B = steps.max_batch();
-  Workspace ws =
-      need_workspace ? Workspace::allocate(s, N, B, apply_dropout, apply_recurrent_dropout, apply_zoneout && train, opts)
-                     : Workspace{};
+  Workspace ws = need_workspace ? Workspace::allocate(s, N, B, apply_dropout, apply_recurrent_dropout,
+                                                     apply_zoneout && train, opts)
+                                : Workspace{};
   const Zoneout eval_zoneout = apply_zoneout && !train ? constant_zoneout(zoneout, N, H, P, opts) : Zoneout{};
   // Inference projects the input a chunk of steps at a time into one buffer per direction, reused
   // across chunks and layers (see kInferenceChunkBytes).
@@ -319,9 +319,13 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
           }
           recurrent_masks.push_back(recurrent_mask);
           // Zoneout's masks [N, H] and [N, P] in training, drawn next.
-          zoneouts.push_back(!apply_zoneout || !train ? eval_zoneout
-                             : need_workspace ? draw_zoneout(zoneout, ws.zoneout_cell_masks[c], ws.zoneout_hidden_masks[c])
-                                              : draw_zoneout(zoneout, at::empty({N, H}, opts), at::empty({N, P}, opts)));
+          if (!apply_zoneout || !train) {
+            zoneouts.push_back(eval_zoneout);
+          } else if (need_workspace) {
+            zoneouts.push_back(draw_zoneout(zoneout, ws.zoneout_cell_masks[c], ws.zoneout_hidden_masks[c]));
+          } else {
+            zoneouts.push_back(draw_zoneout(zoneout, at::empty({N, H}, opts), at::empty({N, P}, opts)));
+          }
         }
         for (int64_t k0 = 0; k0 < steps.count(); k0 += chunk_steps) {
           const int64_t k1 = std::min(k0 + chunk_steps, steps.count());
@@ -336,7 +340,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
           });
         }
         if (apply_dropout && !last) {
-          layer_output.mul_(draw_dropout_mask(need_workspace ? ws.dropout_masks[l] : at::empty_like(layer_output), dropout));
+          Tensor mask = need_workspace ? ws.dropout_masks[l] : at::empty_like(layer_output);
+          layer_output.mul_(draw_dropout_mask(mask, dropout));
         }
         layer_input = layer_output;
       }
@@ -473,7 +478,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
   const bool replay_recurrent = recurrent_masks.has_value() && recurrent_masks->numel() > 0;
   const bool apply_recurrent_dropout = replay_recurrent || (recurrent_dropout > 0 && train);
   const bool apply_zoneout = check_zoneout(zoneout);
-  const bool replay_zoneout = zoneout_masks.has_value() && zoneout_masks->size() == 2 && (*zoneout_masks)[0].numel() > 0;
+  const bool replay_zoneout =
+      zoneout_masks.has_value() && zoneout_masks->size() == 2 && (*zoneout_masks)[0].numel() > 0;
   const int64_t N = steps.rows(), H = s.hidden_size, P = s.output_size;
   const Zoneout eval_zoneout = apply_zoneout && !train && !replay_zoneout
                                    ? constant_zoneout(zoneout, N, H, P, input.options())
@@ -508,7 +514,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
     }
     layer_input = D == 1 ? outputs.front() : at::cat(outputs, 1);
     if (apply_dropout && l < num_layers - 1) {
-      layer_input = layer_input * (replay ? (*dropout_masks)[l] : draw_dropout_mask(at::empty_like(layer_input), dropout));
+      layer_input =
+          layer_input * (replay ? (*dropout_masks)[l] : draw_dropout_mask(at::empty_like(layer_input), dropout));
     }
   }
   const Tensor output = s.dense ? layer_input.view({input.size(0), input.size(1), -1}) : layer_input;
