@@ -510,9 +510,12 @@ def _forward_vmap(info, in_dims, input, batch_sizes, hx, cx, params, *options):
     V, batch = info.batch_size, input.dim() - 2 if input_dim is None else input.dim() - 3  # input's batch dim
 
     def fold(tensor, dim, batch_dim):
-        tensor = tensor.unsqueeze(batch_dim + 1).expand(
-            *tensor.shape[: batch_dim + 1], V, *tensor.shape[batch_dim + 1 :]
-        ) if dim is None else tensor.movedim(dim, batch_dim + 1)
+        """The mapped dim (V copies where the tensor has none) moved after batch_dim, merged into it."""
+        if dim is None:
+            shape = tensor.shape
+            tensor = tensor.unsqueeze(batch_dim + 1).expand(*shape[: batch_dim + 1], V, *shape[batch_dim + 1 :])
+        else:
+            tensor = tensor.movedim(dim, batch_dim + 1)
         return tensor.flatten(batch_dim, batch_dim + 1)
 
     folded_sizes = None if batch_sizes is None else batch_sizes * V
