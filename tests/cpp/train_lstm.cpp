@@ -21,13 +21,16 @@ constexpr int64_t kSteps = 7, kBatch = 3, kInput = 4, kHidden = 5, kProj = 3, kL
 
 std::tuple<Tensor, Tensor, Tensor> lstm_ext_forward(const Tensor& x, const Tensor& h0, const Tensor& c0,
                                                     const std::vector<Tensor>& params, bool bidirectional) {
+  // The schema's trailing arguments name a cell variant: here the plain LSTM.
   using Signature = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(
       const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, at::TensorList, bool, int64_t,
-      double, bool, bool, bool);
+      double, bool, bool, bool, c10::string_view, std::optional<at::TensorList>, double, at::ArrayRef<double>);
   static const auto op =
       c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::forward", "").typed<Signature>();
-  auto [output, hy, cy, workspace] = op.call(x, std::nullopt, h0, c0, params, /*has_biases=*/true, kLayers,
-                                             /*dropout=*/0.0, /*train=*/true, bidirectional, /*need_workspace=*/false);
+  auto [output, hy, cy, workspace] =
+      op.call(x, std::nullopt, h0, c0, params, /*has_biases=*/true, kLayers, /*dropout=*/0.0, /*train=*/true,
+              bidirectional, /*need_workspace=*/false, /*cell=*/"lstm", /*cell_params=*/std::nullopt,
+              /*recurrent_dropout=*/0.0, /*zoneout=*/{});
   return {output, hy, cy};
 }
 
