@@ -552,8 +552,7 @@ def _forward_vmap_loop(info, in_dims, input, batch_sizes, hx, cx, params, option
                 weights, *index_options
             )
         )
-    output, hy, cy, workspace = zip(*results)
-    stacked_workspace = [torch.stack(parts) for parts in zip(*workspace)]
-    return (torch.stack(output), torch.stack(hy), torch.stack(cy), stacked_workspace), (
-        0, 0, 0, [0] * len(stacked_workspace)
-    )
+    output, hy, cy, _ = zip(*results)
+    # No workspace: each call's own backward, below vmap, keeps its own; stacking them would copy
+    # several times the outputs for nothing to read.
+    return (torch.stack(output), torch.stack(hy), torch.stack(cy), []), (0, 0, 0, [])
