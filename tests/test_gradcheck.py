@@ -75,14 +75,10 @@ def test_gradcheck_packed_sequence(config):
 @pytest.mark.parametrize("need_workspace", [False, True], ids=["no_workspace_asked", "workspace_asked"])
 @pytest.mark.parametrize("config", [c for c in GRADCHECK_CONFIGS if "batch_first" not in c.values[0]])
 def test_gradcheck_the_operator_through_its_cpp_autograd(config, need_workspace):
-    dtype = torch.float64
-    native, _ = make_lstm_pair(dtype=dtype, **GRADCHECK_SIZES, **config)
-    input = make_input(dtype, seq_len=SEQ_LEN, batch=BATCH, input_size=GRADCHECK_SIZES["input_size"])
-    leaves = leaf_copies([input, *make_hx(native, dtype, batch=BATCH), *native._flat_weights])
-    options = (native.bias, native.num_layers, 0.0, True, native.bidirectional, need_workspace)
+    forward, leaves = _operator_inputs(config, need_workspace)
 
-    def operator(input, h0, c0, *weights):
-        output, hy, cy, workspace = torch.ops.lstm_ext.forward(input, None, h0, c0, weights, *options)
+    def operator(*leaves):
+        output, hy, cy, workspace = forward(*leaves)
         assert bool(workspace) == need_workspace and output.grad_fn is not None
         return output, hy, cy
 
@@ -92,16 +88,22 @@ def test_gradcheck_the_operator_through_its_cpp_autograd(config, need_workspace)
 @pytest.mark.parametrize("config", [c for c in GRADCHECK_CONFIGS if "batch_first" not in c.values[0]])
 def test_gradgradcheck_the_operator_through_its_cpp_autograd(config):
     """create_graph through the C++ autograd differentiates the recomputation, as lstm_ext.lstm does."""
+    forward, leaves = _operator_inputs(config, need_workspace=False)
+    assert torch.autograd.gradgradcheck(lambda *leaves: forward(*leaves)[:3], leaves, eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def _operator_inputs(config, need_workspace):
+    """torch.ops.lstm_ext.forward as a function of the leaves (input, h0, c0, *weights), and the leaves."""
     dtype = torch.float64
     native, _ = make_lstm_pair(dtype=dtype, **GRADCHECK_SIZES, **config)
     input = make_input(dtype, seq_len=SEQ_LEN, batch=BATCH, input_size=GRADCHECK_SIZES["input_size"])
     leaves = leaf_copies([input, *make_hx(native, dtype, batch=BATCH), *native._flat_weights])
-    options = (native.bias, native.num_layers, 0.0, True, native.bidirectional, False)
+    options = (native.bias, native.num_layers, 0.0, True, native.bidirectional, need_workspace)
 
-    def operator(input, h0, c0, *weights):
-        return torch.ops.lstm_ext.forward(input, None, h0, c0, weights, *options)[:3]
+    def forward(input, h0, c0, *weights):
+        return torch.ops.lstm_ext.forward(input, None, h0, c0, weights, *options)
 
-    assert torch.autograd.gradgradcheck(operator, leaves, eps=1e-6, atol=1e-6, rtol=1e-4)
+    return forward, leaves
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["dense", "packed"])
