@@ -26,6 +26,7 @@ using blas::Matrix;
 struct CellParams {
   Tensor w_ih, w_hh, b_ih, b_hh, w_hr;
   std::vector<Tensor> unit_weights;  // the cell's extra weights, [H] each (see the cell concept)
+  std::vector<Tensor> layer_norm;    // γ_ih [4H], γ_hh [4H], γ_c [H], β_c [H], or none (see cells.h)
 
   int64_t hidden_size() const { return w_hh.size(0) / 4; }
   int64_t output_size() const { return w_hr.defined() ? w_hr.size(0) : hidden_size(); }

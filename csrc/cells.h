@@ -82,9 +82,35 @@ struct CIFGCell {
 // Every cell the operators know, by kName.
 using Cells = std::tuple<LSTMCell, PeepholeCell, CIFGCell>;
 
-// Calls body.template operator()<Cell>() for the cell named `name`.
+// Layer normalisation (Ba, Kiros & Hinton 2016) around any cell, named "layer_norm" (around the
+// plain cell) or "layer_norm+<cell>": the gate pre-activations are
+// LN(x W_ihᵀ; γ_ih) + LN(h W_hhᵀ; γ_hh) + b_ih + b_hh and the hidden state σ(o)·tanh(LN(c_t); γ_c, β_c).
+// Not a cell of the concept: its statistics span a row's units, which the fused passes split
+// among threads. Its four weights, γ_ih [4H], γ_hh [4H], γ_c [H], β_c [H], come first among a
+// layer-direction's cell parameters (CellParams::layer_norm).
+constexpr std::string_view kLayerNorm = "layer_norm";
+constexpr int kLayerNormWeights = 4;
+constexpr double kLayerNormEps = 1e-5;
+
+// A cell's name split into whether it is layer-normalised and the cell of the concept inside.
+struct CellName {
+  bool layer_norm;
+  std::string_view cell;
+
+  static CellName parse(std::string_view name) {
+    if (name == kLayerNorm) return {true, LSTMCell::kName};
+    if (name.size() > kLayerNorm.size() && name.substr(0, kLayerNorm.size()) == kLayerNorm &&
+        name[kLayerNorm.size()] == '+') {
+      return {true, name.substr(kLayerNorm.size() + 1)};
+    }
+    return {false, name};
+  }
+};
+
+// Calls body.template operator()<Cell>() for the cell named `name` (inside any layer norm).
 template <typename Body>
 void with_cell(std::string_view name, const Body& body) {
+  const std::string_view cell = CellName::parse(name).cell;
   bool found = false;
   std::string known;
   std::apply(
@@ -92,20 +118,21 @@ void with_cell(std::string_view name, const Body& body) {
         ([&] {
           using Cell = decltype(cells);
           known += (known.empty() ? "" : ", ") + std::string(Cell::kName);
-          if (!found && name == Cell::kName) {
+          if (!found && cell == Cell::kName) {
             found = true;
             body.template operator()<Cell>();
           }
         }(), ...);
       },
       Cells{});
-  TORCH_CHECK(found, "lstm_ext: unknown cell '", name, "'; the cells are ", known);
+  TORCH_CHECK(found, "lstm_ext: unknown cell '", name, "'; the cells are ", known, ", each also as layer_norm+<cell>");
 }
 
-// How many extra weights of H values a layer-direction of the cell named `name` has.
+// How many extra weights a layer-direction of the cell named `name` has: its cell's, of H values
+// each, after layer norm's four.
 inline int unit_weight_count(std::string_view name) {
-  int count = 0;
-  with_cell(name, [&]<typename Cell>() { count = Cell::kUnitWeights; });
+  int count = CellName::parse(name).layer_norm ? kLayerNormWeights : 0;
+  with_cell(name, [&]<typename Cell>() { count += Cell::kUnitWeights; });
   return count;
 }
 

@@ -16,6 +16,8 @@
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include "layer.h"
+
 #include <algorithm>
 #include <string>
 #include <tuple>
@@ -78,10 +80,8 @@ variable_list recomputed_backward(const variable_list& leaves, int64_t num_param
                              .findSchemaOrThrow("lstm_ext::forward_differentiable", "")
                              .typed<ForwardDifferentiableSignature>();
   const bool create_graph = torch::autograd::GradMode::is_enabled();
-  const Tensor sizes = batch_sizes.has_value() ? batch_sizes->contiguous() : Tensor();
-  const at::OptionalIntArrayRef size_list =
-      sizes.defined() ? at::OptionalIntArrayRef(at::IntArrayRef(sizes.data_ptr<int64_t>(), sizes.numel()))
-                      : std::nullopt;
+  Tensor sizes;
+  const at::OptionalIntArrayRef size_list = batch_size_list(batch_sizes, sizes);
   variable_list used_outputs, used_grads, wanted;
   {
     torch::autograd::AutoGradMode enable_grad(true);
@@ -210,6 +210,17 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> autograd_forward(
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
                         need_workspace, cell, cell_params, recurrent_dropout, zoneout);
+  }
+  if (CellName::parse(cell).layer_norm) {
+    // No hand-written backward (see lstm_forward): autograd records the ATen ops.
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("lstm_ext::forward_differentiable", "")
+                               .typed<ForwardDifferentiableSignature>();
+    Tensor sizes;
+    auto [output, hy, cy] = op.call(input, batch_size_list(batch_sizes, sizes), hx, cx, params, has_biases, num_layers, dropout, train,
+                                    bidirectional, std::nullopt, cell, cell_params, recurrent_dropout, std::nullopt,
+                                    zoneout, std::nullopt);
+    return {output, hy, cy, {}};
   }
   variable_list outputs = LSTMFunction::apply(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout,
                                               train, bidirectional, cell, cell_weights, recurrent_dropout, zoneout);

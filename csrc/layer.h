@@ -7,7 +7,7 @@
 // (ReversedPackedLayer).
 #pragma once
 
-#include "cell.h"
+#include "cells.h"
 #include "parallel.h"
 
 #include <algorithm>
@@ -37,6 +37,18 @@ struct Steps {
   int64_t rows() const { return count() == 0 ? 0 : offsets.back() + batch_sizes.back(); }
   int64_t max_batch() const { return count() == 0 ? 0 : batch_sizes.front(); }
 };
+
+// A packed call's batch sizes as the list lstm_ext::forward_differentiable takes (under a transform
+// a tensor is wrapped, and a wrapped tensor has no data to read): a view of `contiguous`, which
+// holds them and must outlive it. nullopt for dense input.
+inline at::OptionalIntArrayRef batch_size_list(const std::optional<Tensor>& batch_sizes, Tensor& contiguous) {
+  if (!batch_sizes.has_value()) return std::nullopt;
+  contiguous = batch_sizes->contiguous();
+  TORCH_CHECK(contiguous.dim() == 1 && contiguous.scalar_type() == at::kLong,
+              "lstm_ext: batch_sizes must be a 1-D int64 tensor, got ", contiguous.dim(), "-D ",
+              contiguous.scalar_type());
+  return at::IntArrayRef(contiguous.data_ptr<int64_t>(), contiguous.numel());
+}
 
 // What one layer-direction's forward keeps for its backward, one row per input row.
 struct DirectionSaved {
@@ -252,7 +264,13 @@ struct FullLayer {
     const int64_t H = params.hidden_size();
     typename Cell::template Weights<Tensor> unit_weights;
     std::copy(params.unit_weights.begin(), params.unit_weights.end(), unit_weights.begin());
-    Tensor gates_x = at::linear(x, params.w_ih, params.b_ih.defined() ? params.b_ih + params.b_hh : Tensor());
+    const bool normalized = !params.layer_norm.empty();  // layer norm (see cells.h)
+    const Tensor bias = params.b_ih.defined() ? params.b_ih + params.b_hh : Tensor();
+    Tensor gates_x = at::linear(x, params.w_ih, normalized ? Tensor() : bias);
+    if (normalized) {
+      gates_x = at::layer_norm(gates_x, {4 * H}, params.layer_norm[0], {}, kLayerNormEps);
+      if (bias.defined()) gates_x = gates_x + bias;
+    }
     const int64_t first_rows = steps.batch_sizes[step_at(0)];
     Tensor h = h0.narrow(0, 0, first_rows), c = c0.narrow(0, 0, first_rows);
     std::vector<Tensor> outputs(steps.count()), finished_h, finished_c;
@@ -268,11 +286,19 @@ struct FullLayer {
         c = at::cat({c, c0.narrow(0, c.size(0), rows - c.size(0))});
       }
       const Tensor h_in = recurrent_mask.defined() ? h * recurrent_mask.narrow(0, 0, rows) : h;
-      const Tensor gates = at::addmm(gates_x.narrow(0, steps.offsets[t], rows), h_in, params.w_hh.t());
+      const Tensor step_x = gates_x.narrow(0, steps.offsets[t], rows);
+      const Tensor gates =
+          normalized ? step_x + at::layer_norm(at::mm(h_in, params.w_hh.t()), {4 * H}, params.layer_norm[1], {},
+                                               kLayerNormEps)
+                     : at::addmm(step_x, h_in, params.w_hh.t());
       const Tensor pre = gates.view({rows, 4, H});
       const Values<Tensor> v = Cell::template forward<Tensor>(
           {pre.select(1, 0), pre.select(1, 1), pre.select(1, 2), pre.select(1, 3)}, c, unit_weights);
-      const Tensor hidden = params.has_projection() ? at::matmul(v.hidden, params.w_hr.t()) : v.hidden;
+      // With layer norm, h_t = σ(o)·tanh(LN(c_t)) in place of the cell's σ(o)·tanh(c_t).
+      const Tensor hidden_pre =
+          normalized ? v.o * at::layer_norm(v.cell, {H}, params.layer_norm[2], params.layer_norm[3], kLayerNormEps).tanh()
+                     : v.hidden;
+      const Tensor hidden = params.has_projection() ? at::matmul(hidden_pre, params.w_hr.t()) : hidden_pre;
       const auto zone_out = [&](const Tensor& keep, const Tensor& previous, const Tensor& next) {
         if (!keep.defined()) return next;
         const Tensor k = keep.narrow(0, steps.offsets[t], rows);

@@ -31,9 +31,12 @@ int64_t params_per_cell(bool has_biases, bool has_projections) {
 }
 
 // Splits the flat weight list (nn.LSTM's _flat_weights order) into one CellParams per layer-direction,
-// and the cell's extra weights (`unit_weights` per layer-direction, in the same order) among them.
+// and the cell's extra weights (unit_weight_count(cell) per layer-direction, in the same order:
+// layer norm's first) among them.
 std::vector<CellParams> gather_params(TensorList params, bool has_biases, int64_t cells,
-                                      std::optional<TensorList> given_cell_params, int64_t unit_weights) {
+                                      std::optional<TensorList> given_cell_params, c10::string_view cell_name) {
+  const int64_t unit_weights = unit_weight_count(cell_name);
+  const int64_t layer_norm_weights = CellName::parse(cell_name).layer_norm ? kLayerNormWeights : 0;
   const TensorList cell_params = given_cell_params.value_or(TensorList());
   const bool has_projections = params.size() == static_cast<size_t>(cells * params_per_cell(has_biases, true));
   TORCH_CHECK(has_projections || params.size() == static_cast<size_t>(cells * params_per_cell(has_biases, false)),
@@ -65,7 +68,8 @@ std::vector<CellParams> gather_params(TensorList params, bool has_biases, int64_
     }
     if (has_projections) cell.w_hr = p[per_cell - 1].contiguous();
     for (int64_t k = 0; k < unit_weights; ++k) {
-      cell.unit_weights.push_back(cell_params[i * unit_weights + k].contiguous());
+      (k < layer_norm_weights ? cell.layer_norm : cell.unit_weights)
+          .push_back(cell_params[i * unit_weights + k].contiguous());
     }
     result.push_back(std::move(cell));
   }
@@ -151,6 +155,12 @@ StackShape check_forward_args(const Tensor& input, const Steps& steps, const Ten
     }
     if (cell.w_hr.defined()) check(cell.w_hr, {P, H}, "weight_hr");
     for (const Tensor& w : cell.unit_weights) check(w, {H}, "cell parameter");
+    if (!cell.layer_norm.empty()) {
+      check(cell.layer_norm[0], {4 * H}, "ln_weight_ih");
+      check(cell.layer_norm[1], {4 * H}, "ln_weight_hh");
+      check(cell.layer_norm[2], {H}, "ln_weight_c");
+      check(cell.layer_norm[3], {H}, "ln_bias_c");
+    }
   }
   check_same_device_and_dtype(input, hx, "hx");
   check_same_device_and_dtype(input, cx, "cx");
@@ -250,15 +260,33 @@ int64_t inference_chunk_steps(const Steps& steps, int64_t num_directions, int64_
   return (steps.count() + chunks - 1) / chunks;
 }
 
+std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
+    const Tensor& input, at::OptionalIntArrayRef batch_sizes, const Tensor& hx, const Tensor& cx,
+    TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
+    const std::optional<Tensor>& dropout_masks, c10::string_view cell, std::optional<TensorList> cell_params,
+    double recurrent_dropout, const std::optional<Tensor>& recurrent_masks, at::ArrayRef<double> zoneout,
+    std::optional<TensorList> zoneout_masks);
+
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
     const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
     TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
     bool need_workspace, c10::string_view cell, std::optional<TensorList> cell_params, double recurrent_dropout,
     at::ArrayRef<double> zoneout) {
   TORCH_CHECK(num_layers > 0, "lstm_ext: num_layers must be positive, got ", num_layers);
+  if (CellName::parse(cell).layer_norm) {
+    // Layer norm's statistics span a row's units, which the fused passes split among threads: it
+    // runs as ATen ops, differentiated by autograd (the Autograd kernels send a call that needs
+    // gradients to forward_differentiable), so there is no workspace to return.
+    Tensor sizes;
+    auto [output, hy, cy] =
+        lstm_forward_differentiable(input, batch_size_list(batch_sizes, sizes), hx, cx, params, has_biases, num_layers, dropout, train,
+                                    bidirectional, std::nullopt, cell, cell_params, recurrent_dropout, std::nullopt,
+                                    zoneout, std::nullopt);
+    return {output, hy, cy, {}};
+  }
   const int64_t D = bidirectional ? 2 : 1;
   const std::vector<CellParams> cells =
-      gather_params(params, has_biases, num_layers * D, cell_params, unit_weight_count(cell));
+      gather_params(params, has_biases, num_layers * D, cell_params, cell);
   check_input(input, batch_sizes.has_value());
   const Steps steps = make_steps(input, batch_sizes);
   const StackShape s = check_forward_args(input, steps, hx, cx, cells, num_layers, bidirectional, dropout);
@@ -363,8 +391,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
     const std::optional<Tensor>& grad_hy, const std::optional<Tensor>& grad_cy, bool has_biases, int64_t num_layers,
     bool bidirectional, c10::string_view cell, std::optional<TensorList> cell_params, at::ArrayRef<double> zoneout) {
   const int64_t D = bidirectional ? 2 : 1;
+  TORCH_CHECK(!CellName::parse(cell).layer_norm, "lstm_ext::backward: cell '", cell,
+              "' has no hand-written backward; differentiate lstm_ext::forward, which runs a layer-normalised cell "
+              "through lstm_ext::forward_differentiable");
   const int64_t unit_weights = unit_weight_count(cell);
-  const std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D, cell_params, unit_weights);
+  const std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D, cell_params, cell);
   const Workspace ws = Workspace::from_list(workspace);
   const Steps steps = make_steps(input, batch_sizes);
   const int64_t N = steps.rows(), H = cells.front().hidden_size(), P = cells.front().output_size();
@@ -469,7 +500,7 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
   TORCH_CHECK(num_layers > 0, "lstm_ext: num_layers must be positive, got ", num_layers);
   const int64_t D = bidirectional ? 2 : 1;
   const std::vector<CellParams> cells =
-      gather_params(params, has_biases, num_layers * D, cell_params, unit_weight_count(cell));
+      gather_params(params, has_biases, num_layers * D, cell_params, cell);
   check_input(input, batch_sizes.has_value());
   const Steps steps = batch_sizes.has_value() ? packed_steps(input, batch_sizes->vec()) : make_steps(input, {});
   const StackShape s = check_forward_args(input, steps, hx, cx, cells, num_layers, bidirectional, dropout);

@@ -209,7 +209,13 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         cell_args = (cell_args[0], cell_params, *cell_args[2:]) if cell_args else ()
     options = (has_biases, num_layers, float(dropout), train, bidirectional)
     transform = _transform_of(input, hx, cx, *params, *cell_params)
-    if transform == "differentiable":
+    # A layer-normalised cell has no hand-written backward and no batching rule: autograd and
+    # every transform go through its ATen ops (see lstm_ext::forward in csrc/lstm.cpp). Traced,
+    # the operator's own Autograd kernel does the same.
+    layer_norm = bool(cell_args) and cells.is_layer_normalised(cell_args[0]) and not torch.jit.is_tracing()
+    if transform == "differentiable" or (
+        layer_norm and (transform == "vmap" or _needs_grad(input, hx, cx, *params, *cell_params))
+    ):
         args = (input, _as_list(batch_sizes), hx, cx, params, *options, None, *_differentiable_tail(cell_args))
         return _ops.forward_differentiable(*args)
     if transform == "vmap":
@@ -224,7 +230,7 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         # autograd.Function it could not save, and the same op whatever the grad mode:
         # the tracer's check traces again under no_grad, and the traced module may be trained.
         output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, True, *cell_args)
-    elif torch.is_grad_enabled() and any(t.requires_grad for t in (input, hx, cx, *params, *cell_params)):
+    elif _needs_grad(input, hx, cx, *params, *cell_params):
         variant = (cell_args[0], *cell_args[2:]) if cell_args else None
         output, hy, cy, *_workspace = _apply(
             _LSTMFunction, input, batch_sizes, hx, cx, options, variant, len(params), *params, *cell_params
@@ -233,6 +239,10 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         args = (input, batch_sizes, hx, cx, params, *options, False, *cell_args)
         output, hy, cy, _ = _below_autograd(_ops.forward, *args)
     return output, hy, cy
+
+
+def _needs_grad(*tensors):
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def _autocast(*tensors):
@@ -454,20 +464,20 @@ def _forward_fake(
     hidden, proj = cx.shape[-1], hx.shape[-1]
     output = input.new_empty((*input.shape[:-1], directions * proj))
     workspace = []
-    if need_workspace:
+    if need_workspace and not cells.is_layer_normalised(cell):  # a layer-normalised cell keeps none
         rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
-        cells, between, width = num_layers * directions, num_layers - 1, directions * proj
+        states, between, width = num_layers * directions, num_layers - 1, directions * proj
         with_dropout = dropout > 0 and train and num_layers > 1
         workspace = [
-            input.new_empty((cells, rows, 4 * hidden)),
-            input.new_empty((cells, rows, hidden)),
-            input.new_empty((cells, rows, hidden)),
-            input.new_empty((cells, rows, proj)),
+            input.new_empty((states, rows, 4 * hidden)),
+            input.new_empty((states, rows, hidden)),
+            input.new_empty((states, rows, hidden)),
+            input.new_empty((states, rows, proj)),
             input.new_empty((between, rows, width)),
             input.new_empty((between, rows, width) if with_dropout else (0,)),
-            input.new_empty((cells, hx.shape[1], proj) if recurrent_dropout > 0 and train else (0,)),
-            input.new_empty((cells, rows, hidden) if any(zoneout) and train else (0,)),
-            input.new_empty((cells, rows, proj) if any(zoneout) and train else (0,)),
+            input.new_empty((states, hx.shape[1], proj) if recurrent_dropout > 0 and train else (0,)),
+            input.new_empty((states, rows, hidden) if any(zoneout) and train else (0,)),
+            input.new_empty((states, rows, proj) if any(zoneout) and train else (0,)),
         ]
     return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), workspace
 

@@ -37,15 +37,19 @@ def _with_lstm_ext_ops(native_forward, ops=_VF):
     forward.__doc__ = native_forward.__doc__
     forward.__qualname__ = native_forward.__qualname__
     return forward
-def _variant_options(module, peephole=False, cell="lstm", recurrent_dropout=0.0, weight_drop=0.0, zoneout=0.0):
-    """The variant options, checked: (cell, recurrent_dropout, weight_drop, (z_c, z_h))."""
-    if not isinstance(peephole, bool):
-        raise TypeError(f"lstm_ext.{module}: peephole must be a bool, got {type(peephole).__name__}")
+def _variant_options(
+    module, peephole=False, cell="lstm", layer_norm=False, recurrent_dropout=0.0, weight_drop=0.0, zoneout=0.0
+):
+    """The variant options, checked: (the operators' cell name, recurrent_dropout, weight_drop, (z_c, z_h))."""
+    for name, flag in (("peephole", peephole), ("layer_norm", layer_norm)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"lstm_ext.{module}: {name} must be a bool, got {type(flag).__name__}")
     if not isinstance(cell, str):
         raise TypeError(f"lstm_ext.{module}: cell must be a str, got {type(cell).__name__}")
-    cells.parameter_count(cell)  # raises ValueError for an unknown cell
-    if peephole and cell != "lstm":
+    inner, named_layer_norm = cells.split(cell)  # raises ValueError for an unknown cell
+    if peephole and inner != "lstm":
         raise ValueError(f"lstm_ext.{module}: peephole=True and cell={cell!r} name two cells")
+    cell = cells.join("peephole" if peephole else inner, layer_norm or named_layer_norm)
     if isinstance(zoneout, (tuple, list)) and len(zoneout) != 2:
         raise ValueError(f"lstm_ext.{module}: zoneout must be a number or a pair (z_c, z_h), got {len(zoneout)} values")
     zoneout = tuple(zoneout) if isinstance(zoneout, (tuple, list)) else (zoneout, zoneout)
@@ -55,14 +59,14 @@ def _variant_options(module, peephole=False, cell="lstm", recurrent_dropout=0.0,
             raise TypeError(f"lstm_ext.{module}: {name} must be a number, got {type(p).__name__}")
         if not 0 <= p <= 1:
             raise ValueError(f"lstm_ext.{module}: {name} must be in [0, 1], got {p}")
-    return "peephole" if peephole else cell, float(recurrent_dropout), float(weight_drop), tuple(map(float, zoneout))
+    return cell, float(recurrent_dropout), float(weight_drop), tuple(map(float, zoneout))
 
 
-def _cell_parameter(module, init):
-    """A new [hidden_size] parameter, like the module's weights: drawn as nn.LSTM draws them, or
-    filled with ``init``."""
+def _cell_parameter(module, init, size):
+    """A new [size·hidden_size] parameter, like the module's weights: drawn as nn.LSTM draws them,
+    or filled with ``init``."""
     like = module.weight_hh_l0 if isinstance(module, nn.LSTM) else module.weight_hh
-    value = torch.empty(module.hidden_size, dtype=like.dtype, device=like.device)
+    value = torch.empty(size * module.hidden_size, dtype=like.dtype, device=like.device)
     bound = 1.0 / math.sqrt(module.hidden_size) if module.hidden_size > 0 else 0
     with torch.no_grad():
         value.uniform_(-bound, bound) if init is None else value.fill_(init)
@@ -73,6 +77,13 @@ class LSTM(nn.LSTM):
     """Drop-in for :class:`torch.nn.LSTM` (same constructor, parameters and ``state_dict``).
 
     Keyword-only cell variants, all off by default (then the module is exactly nn.LSTM):
+
+    ``layer_norm=True`` (Ba, Kiros & Hinton 2016): the gate pre-activations are
+    LN(x W_ihᵀ; γ_ih) + LN(h W_hhᵀ; γ_hh) + b_ih + b_hh (each over the 4H gate columns) and
+    h_t = σ(o)·tanh(LN(c_t; γ_c, β_c)) (over H; the carried c_t is not normalised), with
+    LN(v; γ, β) = γ·(v - mean(v)) / sqrt(var(v) + 1e-5) + β. Parameters ``ln_weight_ih_l{k}``,
+    ``ln_weight_hh_l{k}`` [4·hidden_size], ``ln_weight_c_l{k}``, ``ln_bias_c_l{k}`` [hidden_size]
+    (initialised to 1, 1, 1, 0), before any other cell's. Runs as ATen ops per step, not fused.
 
     ``peephole=True``: the i and f gates see c_{t-1}, the o gate c_t, through per-unit weights
     ``weight_ci_l{k}``, ``weight_cf_l{k}``, ``weight_co_l{k}`` [hidden_size].
@@ -89,7 +100,8 @@ class LSTM(nn.LSTM):
     d ~ Bernoulli(z_c), d' ~ Bernoulli(z_h) per step, row and unit, in eval d = z_c, d' = z_h.
 
     ``cell="..."``: any cell of :mod:`lstm_ext.cells` by name (``peephole=True`` is
-    ``cell="peephole"``).
+    ``cell="peephole"``, ``layer_norm=True`` prefixes ``layer_norm+``). ``self.cell`` is the
+    name the operators take, e.g. ``"layer_norm+peephole"``.
 
     Masks come from torch's default generator, in the order given in :func:`functional.lstm`.
     """
@@ -97,10 +109,10 @@ class LSTM(nn.LSTM):
     forward = _with_lstm_ext_ops(nn.LSTM.forward)
 
     def __init__(
-        self, *args, peephole: bool = False, recurrent_dropout: float = 0.0, weight_drop: float = 0.0,
-        zoneout: float | tuple[float, float] = 0.0, cell: str = "lstm", **kwargs,
+        self, *args, peephole: bool = False, layer_norm: bool = False, recurrent_dropout: float = 0.0,
+        weight_drop: float = 0.0, zoneout: float | tuple[float, float] = 0.0, cell: str = "lstm", **kwargs,
     ):
-        options = _variant_options("LSTM", peephole, cell, recurrent_dropout, weight_drop, zoneout)
+        options = _variant_options("LSTM", peephole, cell, layer_norm, recurrent_dropout, weight_drop, zoneout)
         super().__init__(*args, **kwargs)
         self.cell, self.recurrent_dropout, self.weight_drop, self.zoneout = options
         if self.cell != "lstm":
@@ -115,11 +127,11 @@ class LSTM(nn.LSTM):
 
     def _add_cell_parameters(self):
         """Registers the cell's parameters after each layer-direction's native ones (state_dict
-        order), drawn layer-direction by layer-direction in cells.PARAMETERS' order."""
+        order), drawn layer-direction by layer-direction in cells.parameters' order."""
         ordered, all_weights = {}, []
         for names in self._all_weights:
             suffix = names[0][len("weight_ih") :]
-            extra = [(name + suffix, _cell_parameter(self, init)) for name, init in cells.PARAMETERS[self.cell]]
+            extra = [(name + suffix, _cell_parameter(self, *how)) for name, *how in cells.parameters(self.cell)]
             ordered.update({name: self._parameters[name] for name in names})
             ordered.update(extra)
             all_weights.append([*names, *(name for name, _ in extra)])
@@ -146,22 +158,26 @@ class LSTM(nn.LSTM):
 class LSTMCell(nn.LSTMCell):
     """Drop-in for :class:`torch.nn.LSTMCell`.
 
-    Keyword-only variants, as :class:`LSTM`'s, off by default: ``peephole=True`` (parameters
-    ``weight_ci``, ``weight_cf``, ``weight_co`` [hidden_size], after the native ones),
+    Keyword-only variants, as :class:`LSTM`'s, off by default: ``layer_norm=True`` (parameters
+    ``ln_weight_ih``, ``ln_weight_hh``, ``ln_weight_c``, ``ln_bias_c``), ``peephole=True``
+    (``weight_ci``, ``weight_cf``, ``weight_co`` [hidden_size]), each after the native ones,
     ``zoneout=z`` or ``(z_c, z_h)`` (masks drawn at each call in training) and ``cell="..."``.
     """
 
-    forward = _with_lstm_ext_ops(nn.LSTMCell.forward)
-
-    def __init__(self, *args, peephole: bool = False, zoneout: float | tuple[float, float] = 0.0, cell: str = "lstm",
-                 **kwargs):
-        options = _variant_options("LSTMCell", peephole, cell, zoneout=zoneout)
+    def __init__(self, *args, peephole: bool = False, layer_norm: bool = False,
+                 zoneout: float | tuple[float, float] = 0.0, cell: str = "lstm", **kwargs):
+        options = _variant_options("LSTMCell", peephole, cell, layer_norm, zoneout=zoneout)
         super().__init__(*args, **kwargs)
         self.cell, _, _, self.zoneout = options
-        for name, init in cells.PARAMETERS[self.cell]:
-            self.register_parameter(name, _cell_parameter(self, init))
-        if self.cell != "lstm" or any(self.zoneout):
-            self.forward = types.MethodType(_variant_cell_forward, self)
+        for name, *how in cells.parameters(self.cell):
+            self.register_parameter(name, _cell_parameter(self, *how))
+
+    def forward(self, input, hx=None):
+        if self.cell == "lstm" and not any(self.zoneout):
+            return _plain_cell_forward(self, input, hx)
+        return _variant_cell_forward(self, input, hx)
+
+    forward.__doc__ = nn.LSTMCell.forward.__doc__
 
     def extra_repr(self):
         variant = [f"cell={self.cell}"] if self.cell != "lstm" else []
@@ -169,9 +185,12 @@ class LSTMCell(nn.LSTMCell):
         return ", ".join([super().extra_repr(), *variant])
 
 
+_plain_cell_forward = _with_lstm_ext_ops(nn.LSTMCell.forward)
+
+
 def _variant_cell_forward(self, input, hx=None):
     """nn.LSTMCell's forward code, calling lstm_cell with the module's variant."""
-    cell_params = [getattr(self, name) for name, _ in cells.PARAMETERS[self.cell]]
+    cell_params = [getattr(self, name) for name, *_ in cells.parameters(self.cell)]
     lstm_cell = functools.partial(
         functional.lstm_cell, cell=self.cell, cell_params=cell_params, zoneout=self.zoneout, train=self.training
     )

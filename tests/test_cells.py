@@ -31,10 +31,20 @@ VARIANTS = {
     "weight_drop": dict(weight_drop=0.4),
     "zoneout": dict(zoneout=(0.3, 0.6)),
     "all": dict(peephole=True, recurrent_dropout=0.5, weight_drop=0.25, zoneout=0.2),
+    "layer_norm": dict(layer_norm=True),
+    "layer_norm_cifg": dict(layer_norm=True, cell="cifg"),
+    "layer_norm_all": dict(layer_norm=True, peephole=True, recurrent_dropout=0.5, weight_drop=0.25, zoneout=0.2),
 }
 
 
 # ---- the reference: the issue's math, one sequence and one step at a time ------------------------
+
+
+def layer_norm(v, weight, bias=None):
+    """LN(v; γ, β) = γ ⊙ (v − mean(v)) / sqrt(var(v) + 1e-5) + β over v's last dimension, biased variance."""
+    centered = v - v.mean(-1, keepdim=True)
+    normalized = weight * centered / torch.sqrt(centered.pow(2).mean(-1, keepdim=True) + 1e-5)
+    return normalized if bias is None else normalized + bias
 
 
 def reference_step(module, layer, suffix, x, h, c, masks, t):
@@ -45,17 +55,23 @@ def reference_step(module, layer, suffix, x, h, c, masks, t):
     w_hh, h_in, h_prev, c_prev = weight("weight_hh"), h, h, c
     if masks is not None:
         w_hh, h_in = w_hh * masks["weight"], h * masks["recurrent"]
-    gates = weight("weight_ih") @ x + w_hh @ h_in
+    cell, normalized = lstm_ext.cells.split(module.cell)
+    if normalized:
+        gates = layer_norm(weight("weight_ih") @ x, weight("ln_weight_ih")) + layer_norm(
+            w_hh @ h_in, weight("ln_weight_hh")
+        )
+    else:
+        gates = weight("weight_ih") @ x + w_hh @ h_in
     if module.bias:
         gates = gates + weight("bias_ih") + weight("bias_hh")
     i, f, g, o = gates.chunk(4)
-    if module.cell == "peephole":
+    if cell == "peephole":
         i, f = i + weight("weight_ci") * c, f + weight("weight_cf") * c
-    f = 1 - torch.sigmoid(i) if module.cell == "cifg" else torch.sigmoid(f)
+    f = 1 - torch.sigmoid(i) if cell == "cifg" else torch.sigmoid(f)
     c = f * c + torch.sigmoid(i) * torch.tanh(g)
-    if module.cell == "peephole":
+    if cell == "peephole":
         o = o + weight("weight_co") * c
-    h = torch.sigmoid(o) * torch.tanh(c)
+    h = torch.sigmoid(o) * torch.tanh(layer_norm(c, weight("ln_weight_c"), weight("ln_bias_c")) if normalized else c)
     if module.proj_size:
         h = weight("weight_hr") @ h
     if masks is not None:
@@ -233,8 +249,15 @@ def test_float32_and_threads_match_reference_loop(variant, threads):
         masks = draw_masks(expected, [20] * 16, torch.arange(16), torch.float32)
         ref = reference(expected, expected_input, (zeros, zeros), [20] * 16, masks)
         expected_grads = torch.autograd.grad(weighted_sum_loss(ref), [expected_input, *expected.parameters()])
-        compare((output, h_n, c_n), tuple(t.float() for t in ref))
-        compare(grads, [g.float() for g in expected_grads])
+        if "layer_norm" in variant:
+            # Normalising divides by a row's spread, which float32 rounds: here float32's own loop
+            # of the math is 4e-5 from float64's in the output and 1e-4 of the largest value in
+            # the input's gradient; lstm_ext 2e-5 in both. So: within 1e-4 of the largest value.
+            for actual, expected in zip((output, h_n, c_n, *grads), (*ref, *expected_grads)):
+                assert (actual.double() - expected).abs().max() <= 1e-4 * expected.abs().max()
+        else:
+            compare((output, h_n, c_n), tuple(t.float() for t in ref))
+            compare(grads, [g.float() for g in expected_grads])
     finally:
         torch.set_num_threads(previous)
 
@@ -353,6 +376,67 @@ def test_peephole_parameters_follow_each_layer_direction():
     assert all(p.abs().max() <= bound for name, p in module.named_parameters() if "_c" in name)
 
 
+@pytest.mark.parametrize("options", [dict(layer_norm=True), dict(layer_norm=True, peephole=True)])
+def test_layer_norm_parameters_follow_each_layer_direction(options):
+    module = lstm_ext.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, **options)
+    assert module.cell == ("layer_norm+peephole" if options.get("peephole") else "layer_norm")
+    names = list(module.state_dict())
+    layer_norm = ["ln_weight_ih_l0", "ln_weight_hh_l0", "ln_weight_c_l0", "ln_bias_c_l0"]
+    peephole = ["weight_ci_l0", "weight_cf_l0", "weight_co_l0"] if options.get("peephole") else []
+    per_direction = 5 + len(layer_norm) + len(peephole)
+    assert names[:per_direction] == [
+        "weight_ih_l0", "weight_hh_l0", "bias_ih_l0", "bias_hh_l0", "weight_hr_l0", *layer_norm, *peephole
+    ]
+    assert names[per_direction] == "weight_ih_l0_reverse" and len(names) == 4 * per_direction
+    for suffix in ("_l0", "_l1_reverse"):
+        for name, value, size in [("ln_weight_ih", 1, 16), ("ln_weight_hh", 1, 16), ("ln_weight_c", 1, 4),
+                                  ("ln_bias_c", 0, 4)]:
+            assert torch.equal(getattr(module, name + suffix), torch.full((size,), float(value)))
+    cell = lstm_ext.LSTMCell(3, 4, **options)
+    assert [name for name, _ in cell.named_parameters()][4:] == [name[:-3] for name in layer_norm + peephole]
+    assert cell.ln_weight_ih.shape == (16,) and torch.equal(cell.ln_bias_c, torch.zeros(4))
+
+
+@pytest.mark.parametrize("value", [1, "yes", None])
+def test_layer_norm_must_be_a_bool(value):
+    for module in (lstm_ext.LSTM, lstm_ext.LSTMCell):
+        with pytest.raises(TypeError, match="layer_norm must be a bool"):
+            module(3, 4, layer_norm=value)
+
+
+def test_layer_norm_is_the_cell_name_prefix():
+    assert lstm_ext.LSTM(3, 4, cell="layer_norm+cifg").cell == "layer_norm+cifg"
+    assert lstm_ext.LSTM(3, 4, cell="cifg", layer_norm=True).cell == "layer_norm+cifg"
+    for cell in ("layer_norm+", "layer_norm+layer_norm", "layer_norm+nope"):
+        with pytest.raises(ValueError, match="unknown cell"):
+            lstm_ext.LSTM(3, 4, cell=cell)
+
+
+def test_layer_norm_has_no_hand_written_backward():
+    """Its gradients come from autograd through its ATen ops; the backward operator says so."""
+    f, primals = functional_case("layer_norm")
+    input, h0, c0, *weights = primals
+    params, cell_params = weights[:-16], weights[-16:]
+    args = (input, None, h0, c0, params, True, 2, 0.0, True, True)
+    output, hy, cy, workspace = torch.ops.lstm_ext.forward(*args, True, "layer_norm", cell_params)
+    assert workspace == [] and output.grad_fn is not None
+    compare(torch.autograd.grad(output.sum(), primals),
+            torch.autograd.grad(f(*primals)[0].sum(), primals))
+    with pytest.raises(RuntimeError, match="no hand-written backward"):
+        torch.ops.lstm_ext.backward(input, None, h0, c0, params, workspace, output, None, None, True, 2, True,
+                                    "layer_norm", cell_params)
+
+
+def test_opcheck_forward_with_layer_norm():
+    f, primals = functional_case("layer_norm_all")
+    input, h0, c0, *weights = primals
+    params, cell_params = weights[:-28], weights[-28:]
+    for need_workspace in (False, True):
+        args = (input, None, h0, c0, params, True, 2, 0.0, False, True, need_workspace, "layer_norm+peephole",
+                cell_params, 0.0, [0.2, 0.2])
+        torch.library.opcheck(torch.ops.lstm_ext.forward, args)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_state_dict_round_trip(variant, tmp_path):
     source = make_module(variant, num_layers=2, bidirectional=True)
@@ -363,7 +447,7 @@ def test_state_dict_round_trip(variant, tmp_path):
     compare(target.eval()(input), source.eval()(input))
 
 
-@pytest.mark.parametrize("variant", ["peephole", "all"])
+@pytest.mark.parametrize("variant", ["peephole", "all", "layer_norm"])
 def test_loading_another_variants_state_dict_raises(variant):
     plain = lstm_ext.LSTM(INPUT_SIZE, HIDDEN_SIZE).double()
     module = make_module(variant)
@@ -371,6 +455,11 @@ def test_loading_another_variants_state_dict_raises(variant):
         module.load_state_dict(plain.state_dict())
     with pytest.raises(RuntimeError, match="Unexpected key.*weight_c"):
         plain.load_state_dict(module.state_dict())
+
+
+def test_loading_peepholes_into_layer_norm_raises():
+    with pytest.raises(RuntimeError, match="(?s)Missing key.*ln_weight_ih_l0.*Unexpected key.*weight_ci_l0"):
+        make_module("layer_norm").load_state_dict(make_module("peephole").state_dict())
 
 
 @pytest.mark.parametrize("value", [1, "yes", None])
@@ -401,9 +490,10 @@ def test_wrong_count_of_cell_params_raises():
                       cell_params=[torch.randn(4)])
 
 
+@pytest.mark.parametrize("variant", ["all", "layer_norm_all"])
 @pytest.mark.parametrize("packed", [False, True])
-def test_functional_form_compiles_fullgraph(packed):
-    f, primals = functional_case("all", packed)
+def test_functional_form_compiles_fullgraph(packed, variant):
+    f, primals = functional_case(variant, packed)
     compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
     torch.manual_seed(7)
     outputs = compiled(*primals)
@@ -562,6 +652,8 @@ CELL_VARIANTS = {
     "cifg": dict(cell="cifg"),
     "zoneout": dict(zoneout=(0.3, 0.6)),
     "peephole+zoneout": dict(peephole=True, zoneout=0.4),
+    "layer_norm": dict(layer_norm=True),
+    "layer_norm+peephole+zoneout": dict(layer_norm=True, peephole=True, zoneout=0.4),
 }
 
 
@@ -569,7 +661,7 @@ def reference_cell_step(cell, x, h, c):
     """One step of an LSTMCell through reference_step, row by row, with zoneout's masks drawn as
     the operator draws them (c's [B, H], then h's) or its constants in eval."""
     native = ["weight_ih", "weight_hh", "bias_ih", "bias_hh"]
-    names = [*native, *(name for name, _ in lstm_ext.cells.PARAMETERS[cell.cell])]
+    names = [*native, *(name for name, *_ in lstm_ext.cells.parameters(cell.cell))]
     as_layer = types.SimpleNamespace(cell=cell.cell, bias=cell.bias, proj_size=0)
     for name in names:
         setattr(as_layer, f"{name}_l0", getattr(cell, name))
