@@ -1,4 +1,4 @@
-"""Benchmark lstm_ext's cell variants against the same cell as a PyTorch loop over time (eager).
+"""Benchmark lstm_ext's cell variants against the same cell as a PyTorch loop over time.
 
 Rows: each variant on each shape (one layer, one direction, float32), inference (forward under
 torch.inference_mode) and training (forward + backward of a weighted sum of output, h_n and c_n,
@@ -11,12 +11,14 @@ machine do not inflate; otherwise wall time:
   plain          lstm_ext.LSTM without it (the goal: the variant within 1.3x of this)
   loop           the variant's math as a loop of ATen ops over steps (x·W_ihᵀ for all steps in
                  one product, as people write it), autograd for training
+  compiled loop  the same loop under torch.compile (with --compiled: each row compiles it first)
 
 Before timing, the loop's outputs are checked against lstm_ext's (eval for the variants that
 drop, where both are deterministic).
 
     python benchmarks/bench_cells.py                       # every variant and shape
     python benchmarks/bench_cells.py --variants peephole --shapes 50,16,128 --repeats 5
+    python benchmarks/bench_cells.py --compiled --threads 1 --repeats 5
 """
 
 import argparse
@@ -26,6 +28,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 import lstm_ext
 
@@ -37,6 +40,7 @@ VARIANTS = {
     "weight_drop": dict(weight_drop=0.5),
     "zoneout": dict(zoneout=(0.15, 0.05)),
     "all": dict(peephole=True, recurrent_dropout=0.25, weight_drop=0.5, zoneout=(0.15, 0.05)),
+    "layer_norm": dict(layer_norm=True),
 }
 MIN_SAMPLE_S = 5e-3
 
@@ -50,18 +54,30 @@ def loop(module, x, h, c):
     if module.training and module.recurrent_dropout:
         p = module.recurrent_dropout
         mask = torch.empty_like(h).bernoulli_(1 - p) / (1 - p)
-    gates_x = torch.addmm(b_ih + b_hh, x.flatten(0, 1), w_ih.t()).view(x.size(0), x.size(1), -1)
+    cell, normalized = lstm_ext.cells.split(module.cell)
+    layer_norm = lambda v, name, bias=None: F.layer_norm(v, v.shape[-1:], getattr(module, name), bias)  # noqa: E731
+    if normalized:
+        gates_x = layer_norm(x.flatten(0, 1) @ w_ih.t(), "ln_weight_ih_l0") + (b_ih + b_hh)
+    else:
+        gates_x = torch.addmm(b_ih + b_hh, x.flatten(0, 1), w_ih.t())
+    gates_x = gates_x.view(x.size(0), x.size(1), -1)
     outputs = []
     for t in range(x.size(0)):
-        i, f, g, o = torch.addmm(gates_x[t], h if mask is None else h * mask, w_hh.t()).chunk(4, 1)
-        if module.cell == "peephole":
+        h_in = h if mask is None else h * mask
+        if normalized:
+            gates = gates_x[t] + layer_norm(h_in @ w_hh.t(), "ln_weight_hh_l0")
+        else:
+            gates = torch.addmm(gates_x[t], h_in, w_hh.t())
+        i, f, g, o = gates.chunk(4, 1)
+        if cell == "peephole":
             i, f = i + module.weight_ci_l0 * c, f + module.weight_cf_l0 * c
         i = torch.sigmoid(i)
-        f = 1 - i if module.cell == "cifg" else torch.sigmoid(f)
+        f = 1 - i if cell == "cifg" else torch.sigmoid(f)
         c_new = f * c + i * torch.tanh(g)
-        if module.cell == "peephole":
+        if cell == "peephole":
             o = o + module.weight_co_l0 * c_new
-        h_new = torch.sigmoid(o) * torch.tanh(c_new)
+        c_out = layer_norm(c_new, "ln_weight_c_l0", module.ln_bias_c_l0) if normalized else c_new
+        h_new = torch.sigmoid(o) * torch.tanh(c_out)
         if any(module.zoneout):
             keep_c, keep_h = module.zoneout
             if module.training:
@@ -72,7 +88,7 @@ def loop(module, x, h, c):
     return torch.stack(outputs), h, c
 
 
-def make_calls(variant, shape, train):
+def make_calls(variant, shape, train, compiled=False):
     T, B, H = shape
     torch.manual_seed(0)
     x = torch.randn(T, B, H)
@@ -98,6 +114,9 @@ def make_calls(variant, shape, train):
         "plain": lambda: run(lambda: ext(plain), list(plain.parameters())),
         "loop": lambda: run(lambda: loop(module, x, h0, c0), list(module.parameters())),
     }
+    if compiled:
+        compiled_loop = torch.compile(loop)
+        calls["compiled loop"] = lambda: run(lambda: compiled_loop(module, x, h0, c0), list(module.parameters()))
     return module, x, h0, c0, calls
 
 
@@ -122,8 +141,8 @@ def time_sample(call):
             return elapsed / calls
 
 
-def measure(variant, shape, train, repeats):
-    _, _, _, _, calls = make_calls(variant, shape, train)
+def measure(variant, shape, train, repeats, compiled):
+    _, _, _, _, calls = make_calls(variant, shape, train, compiled)
     for call in calls.values():
         call()
     samples = {name: [] for name in calls}
@@ -147,27 +166,30 @@ def main(argv=None) -> list:
     parser.add_argument("--shapes", default=";".join(",".join(map(str, s)) for s in SHAPES), help="T,B,H[;T,B,H]")
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--compiled", action="store_true", help="add the loop under torch.compile")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = [tuple(int(n) for n in shape.split(",")) for shape in args.shapes.split(";")]
     rows = []
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, one layer, input size = H")
-    columns = ["variant", "T, B, H", "mode", "lstm_ext ms", "plain lstm_ext ms", "loop ms", "loop / lstm_ext",
-               "lstm_ext / plain"]
+    columns = ["variant", "T, B, H", "mode", "lstm_ext ms", "plain lstm_ext ms", "loop ms", "loop / lstm_ext"]
+    columns += ["compiled loop ms", "compiled loop / lstm_ext"] if args.compiled else []
+    columns += ["lstm_ext / plain"]
     print("| " + " | ".join(columns) + " |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
+    print("|---|---|---|" + "---:|" * (len(columns) - 3))
     for variant in args.variants.split(","):
         for shape in shapes:
             check(variant, shape)
             for train in (False, True):
-                ms = measure(variant, shape, train, args.repeats)
+                ms = measure(variant, shape, train, args.repeats, args.compiled)
                 rows.append(dict(variant=variant, shape=shape, train=train, ms=ms))
-                print(
-                    f"| {variant} | {', '.join(map(str, shape))} | {'training' if train else 'inference'} | "
-                    f"{ms['lstm_ext']:.3f} | {ms['plain']:.3f} | {ms['loop']:.3f} | "
-                    f"{ms['loop'] / ms['lstm_ext']:.1f}x | {ms['lstm_ext'] / ms['plain']:.2f}x |",
-                    flush=True,
-                )
+                cells = [variant, ", ".join(map(str, shape)), "training" if train else "inference"]
+                cells += [f"{ms['lstm_ext']:.3f}", f"{ms['plain']:.3f}", f"{ms['loop']:.3f}",
+                          f"{ms['loop'] / ms['lstm_ext']:.1f}x"]
+                if args.compiled:
+                    cells += [f"{ms['compiled loop']:.3f}", f"{ms['compiled loop'] / ms['lstm_ext']:.1f}x"]
+                cells += [f"{ms['lstm_ext'] / ms['plain']:.2f}x"]
+                print("| " + " | ".join(cells) + " |", flush=True)
     return rows
 
 

@@ -101,12 +101,13 @@ struct PackedCell {
                                         {{as_matrix<const scalar_t>(x), as_matrix<scalar_t>(grad_w_ih)},
                                          {as_matrix<const scalar_t>(h_prev), as_matrix<scalar_t>(grad_w_hh)}});
   }
-  // The same for the projection: grad_w_hr = dhᵀ·h_pre, dh [N, P] the gradient of the projected
-  // output, h_pre [N, H] the hidden state before the projection.
-  static void projection_gradient(const Tensor& dh, const Tensor& h_pre, const Tensor& grad_w_hr) {
+  // One weight's alone: grad_w = doutᵀ·in, dout [N, *] the gradient of the product's output rows
+  // and in [N, *] its input rows (the projection's: dL/dh_t and h_t before it; with layer norm,
+  // W_ih's and W_hh's, whose products' gradients differ).
+  static void weight_gradient(const Tensor& dout, const Tensor& in, const Tensor& grad_w) {
     using blas::as_matrix;
-    blas::multiply_transposed<scalar_t>(as_matrix<const scalar_t>(dh),
-                                        {{as_matrix<const scalar_t>(h_pre), as_matrix<scalar_t>(grad_w_hr)}});
+    blas::multiply_transposed<scalar_t>(as_matrix<const scalar_t>(dout),
+                                        {{as_matrix<const scalar_t>(in), as_matrix<scalar_t>(grad_w)}});
   }
 };
 
@@ -513,14 +514,14 @@ struct CellPointwise {
 
 };
 
-// gates[:, gate columns of units] += h · W_hh[rows of units]ᵀ, for h [rows, P]: one product
+// gates[:, gate columns of units] (+)= h · W_hh[rows of units]ᵀ, for h [rows, P]: one product
 // per gate block. `descending` walks W_hh backwards (blocks and depth; see PackedWeight::multiply).
 template <typename scalar_t>
-void matmul_hh_add(Matrix<const scalar_t> h, const blas::PackedWeight<scalar_t>& w_hh, int64_t H,
-                   UnitSlice units, scalar_t* gates, bool descending) {
+void matmul_hh(Matrix<const scalar_t> h, const blas::PackedWeight<scalar_t>& w_hh, int64_t H, UnitSlice units,
+               scalar_t* gates, bool descending, bool accumulate) {
   for (int64_t i = 0; i < 4; ++i) {
     const int64_t col = (descending ? 3 - i : i) * H + units.begin;
-    w_hh.multiply(h, col, {gates + col, h.rows, units.size(), 4 * H}, /*accumulate=*/true, nullptr, descending);
+    w_hh.multiply(h, col, {gates + col, h.rows, units.size(), 4 * H}, accumulate, nullptr, descending);
   }
 }
 

@@ -68,7 +68,7 @@ std::optional<Tensor> defined_or_none(const Tensor& grad) {
 }
 
 // The backward as autograd through lstm_ext::forward_differentiable, replaying the forward's
-// masks (the workspace's last four: dropout's, recurrent dropout's, zoneout's): differentiable
+// masks (the workspace's from index 5 on: dropout's, recurrent dropout's, zoneout's): differentiable
 // itself when grad mode is on (create_graph). The gradients of input, hx, cx, each weight and
 // each cell parameter (leaves in that order, num_params weights), undefined where that one does
 // not require grad. (The same as functional.py's _recomputed_backward, for lstm_ext.lstm.)
@@ -89,7 +89,7 @@ variable_list recomputed_backward(const variable_list& leaves, int64_t num_param
     const auto [output, hy, cy] =
         op.call(leaves[0], size_list, leaves[1], leaves[2], all.slice(3, num_params), has_biases, num_layers, 0.0,
                 false, bidirectional, workspace[5], variant.cell, all.slice(3 + num_params), variant.recurrent_dropout,
-                workspace[6], variant.zoneout, workspace.slice(7));
+                workspace[6], variant.zoneout, workspace.slice(7, 2));
     const Tensor outputs[] = {output, hy, cy};
     for (size_t i = 0; i < 3; ++i) {
       if (grads[i].defined()) {
@@ -211,15 +211,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> autograd_forward(
     return call_forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
                         need_workspace, cell, cell_params, recurrent_dropout, zoneout);
   }
-  if (CellName::parse(cell).layer_norm) {
+  if (layer_norm_as_aten_ops(cell, input.scalar_type())) {
     // No hand-written backward (see lstm_forward): autograd records the ATen ops.
     static const auto op = c10::Dispatcher::singleton()
                                .findSchemaOrThrow("lstm_ext::forward_differentiable", "")
                                .typed<ForwardDifferentiableSignature>();
     Tensor sizes;
-    auto [output, hy, cy] = op.call(input, batch_size_list(batch_sizes, sizes), hx, cx, params, has_biases, num_layers, dropout, train,
-                                    bidirectional, std::nullopt, cell, cell_params, recurrent_dropout, std::nullopt,
-                                    zoneout, std::nullopt);
+    auto [output, hy, cy] =
+        op.call(input, batch_size_list(batch_sizes, sizes), hx, cx, params, has_biases, num_layers, dropout, train,
+                bidirectional, std::nullopt, cell, cell_params, recurrent_dropout, std::nullopt, zoneout, std::nullopt);
     return {output, hy, cy, {}};
   }
   variable_list outputs = LSTMFunction::apply(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout,

@@ -10,6 +10,8 @@
 #include "cells.h"
 #include "parallel.h"
 
+#include <ATen/cpu/vec/functional.h>
+
 #include <algorithm>
 #include <array>
 #include <cstring>
@@ -50,12 +52,178 @@ inline at::OptionalIntArrayRef batch_size_list(const std::optional<Tensor>& batc
   return at::IntArrayRef(contiguous.data_ptr<int64_t>(), contiguous.numel());
 }
 
+// What layer norm (see cells.h) keeps for its backward, one row per input row.
+struct LayerNormSaved {
+  Tensor input;      // [N, 4H] x̂ = (x W_ihᵀ - mean)·rstd: the input projection normalised, before γ_ih
+  Tensor recurrent;  // [N, 4H] the same of h_{t-1} W_hhᵀ
+  Tensor cell;       // [N, H]  the same of c̃_t
+  Tensor rstd;       // [N, 3]  1/sqrt(var + eps) of the three
+};
+
 // What one layer-direction's forward keeps for its backward, one row per input row.
 struct DirectionSaved {
   Tensor gates;         // [N, 4H] gate activations i, f, g, o
-  Tensor tanh_cells;    // [N, H]  tanh(c_t)
+  Tensor tanh_cells;    // [N, H]  tanh(c_t), or with layer norm tanh(LN(c̃_t))
   Tensor cells_prev;    // [N, H]  c_{t-1}
   Tensor hiddens_prev;  // [N, P]  h_{t-1}
+  LayerNormSaved layer_norm;  // undefined without layer norm
+};
+
+// ---- layer norm's steps ---------------------------------------------------------------------------
+
+// Whether a call runs layer norm as ATen ops (FullLayer::forward_differentiable, differentiated by
+// autograd) instead of in the fused passes, which have it for float and double.
+inline bool layer_norm_as_aten_ops(c10::string_view cell, at::ScalarType dtype) {
+  return CellName::parse(cell).layer_norm && dtype != at::kFloat && dtype != at::kDouble;
+}
+//
+// Layer norm's statistics span a row's units, of which a team member owns a slice: after the
+// step's product, and again after the pointwise pass, the members meet; then each reads whole
+// rows, computes their statistics (the same numbers in every member) and writes its units only.
+// Float and double only (the reduced types take the differentiable recomputation, see lstm.cpp).
+
+// The mean and 1/sqrt(var + eps) of v[0, n), the variance from the centred values (as ATen's).
+template <typename scalar_t>
+std::pair<scalar_t, scalar_t> row_moments(const scalar_t* v, int64_t n) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const auto add = [](Vec& a, Vec& b) { return a + b; };
+  const scalar_t mean = at::vec::reduce_all<scalar_t>(add, v, n) / scalar_t(n);
+  const auto squared_deviation = [mean](const Vec& x) { return (x - Vec(mean)) * (x - Vec(mean)); };
+  const scalar_t var = at::vec::map_reduce_all<scalar_t>(squared_deviation, add, v, n) / scalar_t(n);
+  return {mean, scalar_t(1) / std::sqrt(var + scalar_t(kLayerNormEps))};
+}
+
+// One layer-direction's layer norm in its recurrent loop, forward and backward. Row pointers
+// are at the step's first row; `saved_*` are null in inference.
+template <typename scalar_t>
+struct LayerNormStep {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  int64_t H;
+  const scalar_t *gain_recurrent, *gain_cell, *bias_cell;  // γ_hh [4H], γ_c [H], β_c [H]
+  scalar_t* recurrent;  // [B, 4H] scratch: a step's h_{t-1} W_hhᵀ (forward)
+  // [B, H] scratch for inference, where the pointwise pass saves nothing: tanh(LN(c̃_t)), c_{t-1}.
+  scalar_t *tanh_cell, *cell_prev;
+  scalar_t *saved_recurrent, *saved_cell, *saved_rstd;  // LayerNormSaved's data; null in inference
+  // The backward's sums over rows and steps of the gradients of γ_hh [4H], γ_c [H], β_c [H].
+  scalar_t* grad_weights;
+
+  // Forward, after the product: gates += γ_hh·x̂ with x̂ = LN(recurrent) of this member's units.
+  void add_recurrent(int64_t rows, int64_t row0, UnitSlice units, scalar_t* gates, bool rstd_writer) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* v = recurrent + r * 4 * H;
+      const auto [mean, rstd] = row_moments(v, 4 * H);
+      if (saved_rstd && rstd_writer) saved_rstd[(row0 + r) * 3 + 1] = rstd;
+      for (int64_t block = 0; block < 4; ++block) {
+        const int64_t offset = block * H;
+        pointwise::for_each_chunk<scalar_t>(units.begin, units.end, [&](int64_t j, int64_t n) {
+          const Vec normalized = (Vec::loadu(v + offset + j, n) - Vec(mean)) * Vec(rstd);
+          if (saved_recurrent) normalized.store(saved_recurrent + (row0 + r) * 4 * H + offset + j, n);
+          scalar_t* g = gates + r * 4 * H + offset + j;
+          at::vec::fmadd(Vec::loadu(gain_recurrent + offset + j, n), normalized, Vec::loadu(g, n)).store(g, n);
+        });
+      }
+    }
+  }
+
+  // Forward, after the pointwise pass: from c̃_t (cell, all units) and σ(o) (gates' last block),
+  // h̃_t = σ(o)·tanh(LN(c̃_t)) of this member's units into hidden (and hidden_copy), and
+  // tanh(LN(c̃_t)) into tanh_cell when it is not null.
+  void hidden_from_cell(int64_t rows, int64_t row0, UnitSlice units, const scalar_t* gates, const scalar_t* cell,
+                        Matrix<scalar_t> hidden, Matrix<scalar_t> hidden_copy, scalar_t* tanh_cell,
+                        bool rstd_writer) const {
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* c = cell + r * H;
+      const auto [mean, rstd] = row_moments(c, H);
+      if (saved_rstd && rstd_writer) saved_rstd[(row0 + r) * 3 + 2] = rstd;
+      pointwise::for_each_chunk<scalar_t>(units.begin, units.end, [&](int64_t j, int64_t n) {
+        const Vec normalized = (Vec::loadu(c + j, n) - Vec(mean)) * Vec(rstd);
+        if (saved_cell) normalized.store(saved_cell + (row0 + r) * H + j, n);
+        const Vec tanh_n = pointwise::tanh(
+            at::vec::fmadd(Vec::loadu(gain_cell + j, n), normalized, Vec::loadu(bias_cell + j, n)));
+        const Vec h = Vec::loadu(gates + r * 4 * H + 3 * H + j, n) * tanh_n;
+        h.store(hidden.data + r * hidden.ld + j, n);
+        if (hidden_copy.data) h.store(hidden_copy.data + r * hidden_copy.ld + j, n);
+        if (tanh_cell) tanh_n.store(tanh_cell + r * H + j, n);
+      });
+    }
+  }
+
+  // Backward twin of hidden_from_cell. dhidden: dL/dh̃_t of all units. Turns dcell, dL/dc_t of
+  // this member's units, into what the cell's backward takes for c̃_t, and keeps zoneout's share
+  // of it (cell_keep, when its data is not null) in dcell_kept: the cell's backward adds
+  // dhidden·σ(o)·(1 - tanh²) to dcell, the path from h̃_t to c̃_t without layer norm, so that
+  // term is taken off and layer norm's path added instead. Adds the gradients of γ_c and β_c.
+  void cell_gradient(int64_t rows, int64_t row0, UnitSlice units, Matrix<const scalar_t> dhidden,
+                     const scalar_t* gates, const scalar_t* tanh_cell, scalar_t* dcell,
+                     Matrix<const scalar_t> cell_keep, scalar_t* dcell_kept) const {
+    scalar_t* grad_gain = grad_weights + 4 * H;
+    scalar_t* grad_bias = grad_weights + 5 * H;
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* dh = dhidden.data + r * dhidden.ld;
+      const scalar_t* o = gates + r * 4 * H + 3 * H;
+      const scalar_t* t = tanh_cell + r * H;
+      const scalar_t* normalized = saved_cell + (row0 + r) * H;
+      // dn = dL/d LN(c̃_t), and the sums of γ_c·dn and γ_c·dn·x̂ over the row.
+      const auto dn = [&](int64_t j, int64_t n) {
+        const Vec tanh_n = Vec::loadu(t + j, n);
+        return Vec::loadu(dh + j, n) * Vec::loadu(o + j, n) * (Vec(1) - tanh_n * tanh_n);
+      };
+      Vec sum(0), sum_normalized(0);
+      pointwise::for_each_chunk<scalar_t>(0, H, [&](int64_t j, int64_t n) {
+        const Vec d = Vec::loadu(gain_cell + j, n) * dn(j, n);
+        sum = sum + d;
+        sum_normalized = at::vec::fmadd(d, Vec::loadu(normalized + j, n), sum_normalized);
+      });
+      const auto add = [](Vec& a, Vec& b) { return a + b; };
+      const scalar_t mean = at::vec::vec_reduce_all<scalar_t>(add, sum) / scalar_t(H);
+      const scalar_t mean_normalized = at::vec::vec_reduce_all<scalar_t>(add, sum_normalized) / scalar_t(H);
+      const Vec rstd(saved_rstd[(row0 + r) * 3 + 2]);
+      scalar_t* dc = dcell + r * H;
+      const scalar_t* keep = cell_keep.data ? cell_keep.data + r * cell_keep.ld : nullptr;
+      pointwise::for_each_chunk<scalar_t>(units.begin, units.end, [&](int64_t j, int64_t n) {
+        const Vec d_n = dn(j, n), x = Vec::loadu(normalized + j, n);
+        const Vec through_norm =
+            rstd * (Vec::loadu(gain_cell + j, n) * d_n - Vec(mean) - x * Vec(mean_normalized));
+        Vec dc_t = Vec::loadu(dc + j, n);
+        if (keep) {  // zoneout: k·dL/dc_t goes straight to c_{t-1}, the rest through c̃_t
+          const Vec k = Vec::loadu(keep + j, n);
+          (k * dc_t).store(dcell_kept + r * H + j, n);
+          dc_t = (Vec(1) - k) * dc_t;
+        }
+        (dc_t + through_norm - d_n).store(dc + j, n);
+        (Vec::loadu(grad_gain + j, n) + d_n * x).store(grad_gain + j, n);
+        (Vec::loadu(grad_bias + j, n) + d_n).store(grad_bias + j, n);
+      });
+    }
+  }
+
+  // Backward twin of add_recurrent: from dgates, dL/d(pre-activations) of all columns, the
+  // gradient of h_{t-1} W_hhᵀ for this member's columns into drecurrent, and of γ_hh.
+  void recurrent_gradient(int64_t rows, int64_t row0, UnitSlice units, const scalar_t* dgates,
+                          scalar_t* drecurrent) const {
+    const auto add = [](Vec& a, Vec& b) { return a + b; };
+    for (int64_t r = 0; r < rows; ++r) {
+      const scalar_t* dg = dgates + r * 4 * H;
+      const scalar_t* normalized = saved_recurrent + (row0 + r) * 4 * H;
+      Vec sum(0), sum_normalized(0);
+      pointwise::for_each_chunk<scalar_t>(0, 4 * H, [&](int64_t j, int64_t n) {
+        const Vec d = Vec::loadu(gain_recurrent + j, n) * Vec::loadu(dg + j, n);
+        sum = sum + d;
+        sum_normalized = at::vec::fmadd(d, Vec::loadu(normalized + j, n), sum_normalized);
+      });
+      const scalar_t mean = at::vec::vec_reduce_all<scalar_t>(add, sum) / scalar_t(4 * H);
+      const scalar_t mean_normalized = at::vec::vec_reduce_all<scalar_t>(add, sum_normalized) / scalar_t(4 * H);
+      const Vec rstd(saved_rstd[(row0 + r) * 3 + 1]);
+      for (int64_t block = 0; block < 4; ++block) {
+        pointwise::for_each_chunk<scalar_t>(block * H + units.begin, block * H + units.end, [&](int64_t j, int64_t n) {
+          const Vec d = Vec::loadu(dg + j, n), x = Vec::loadu(normalized + j, n);
+          (rstd * (Vec::loadu(gain_recurrent + j, n) * d - Vec(mean) - x * Vec(mean_normalized)))
+              .store(drecurrent + r * 4 * H + j, n);
+          (Vec::loadu(grad_weights + j, n) + d * x).store(grad_weights + j, n);
+        });
+      }
+    }
+  }
 };
 
 // Zoneout's share k of the previous state in the new one, per row and unit: [N, H] for c and
@@ -162,11 +330,13 @@ struct FullLayer {
   // recurrent product only; the saved h_{t-1} is the masked one, which dW_hh needs. zoneout
   // (undefined tensors without): the share k of the previous state in the new one, per row
   // [N, H] for c and [N, P] for h (zoneout's masks in training, the constants expanded in eval).
+  // layer_norm: its step (null without layer norm; then gates holds the input projection
+  // normalised, with the biases).
   template <typename Cell, typename scalar_t>
   void forward(const CellParams& params, const PackedCell<scalar_t>& weights, int64_t k_begin, int64_t k_end,
                const Tensor& gates, const Tensor& hx, const Tensor& h, const Tensor& c, const Tensor& output,
                const DirectionSaved* saved, const Tensor& h_pre, const Tensor& recurrent_mask, const Zoneout& zoneout,
-               TeamMember team) const {
+               const LayerNormStep<scalar_t>* layer_norm, TeamMember team) const {
     const int64_t H = params.hidden_size(), P = params.output_size(), ld = output.stride(0);
     const auto [unit_begin, unit_end] = team.share(H, kShareAlign<scalar_t>);
     const UnitSlice units{unit_begin, unit_end};
@@ -201,6 +371,7 @@ struct FullLayer {
         from_hx = {masked_hidden.data() + from_output.rows * P, from_hx.rows, P, P};
       }
       StepSaved<scalar_t> step_saved;
+      if (layer_norm && !saved) step_saved = {layer_norm->tanh_cell, layer_norm->cell_prev};
       if (saved) {
         scalar_t* saved_h = saved->hiddens_prev.data_ptr<scalar_t>() + row0 * P;
         // Not with no columns: memcpy must not be given the null data of an empty tensor (P == 0).
@@ -213,8 +384,17 @@ struct FullLayer {
                       saved->cells_prev.data_ptr<scalar_t>() + row0 * H};
       }
       const bool descending = walks_w_hh_descending(k);
-      matmul_hh_add<scalar_t>(from_output, weights.recurrent, H, units, g, descending);
-      matmul_hh_add<scalar_t>(from_hx, weights.recurrent, H, units, g + from_output.rows * 4 * H, descending);
+      // Layer norm takes the product apart from the gates, normalises it, then adds it.
+      scalar_t* product = layer_norm ? layer_norm->recurrent : g;
+      matmul_hh<scalar_t>(from_output, weights.recurrent, H, units, product, descending, !layer_norm);
+      matmul_hh<scalar_t>(from_hx, weights.recurrent, H, units, product + from_output.rows * 4 * H, descending,
+                          !layer_norm);
+      if constexpr (pointwise::kVectorized<scalar_t>) {
+        if (layer_norm) {
+          team.sync();
+          layer_norm->add_recurrent(rows, row0, units, g, team.rank == 0);
+        }
+      }
       const Matrix<const scalar_t> step_cell_keep = at_row(cell_keep, row0);
       const int64_t cols = col_end - col_begin;
       scalar_t* out_step = out + row0 * ld + col_begin;
@@ -228,9 +408,31 @@ struct FullLayer {
           for (int64_t j = col_begin; j < col_end; ++j) h_t[j] = keep[j] * prev[j] + (scalar_t(1) - keep[j]) * h_t[j];
         }
       };
+      const Matrix<scalar_t> hidden = projected ? Matrix<scalar_t>{h_pre_data, rows, H, H}
+                                                : Matrix<scalar_t>{h_data, rows, P, P};
+      const Matrix<scalar_t> hidden_copy = projected ? Matrix<scalar_t>{} : Matrix<scalar_t>{out + row0 * ld, rows, P, ld};
+      // With layer norm, h̃_t and zoneout's c_t come after the pass, from c̃_t.
+      CellPointwise<Cell>::forward(rows, H, units, g, c_data, hidden, hidden_copy, step_saved, unit_weights,
+                                   layer_norm ? Matrix<const scalar_t>{} : step_cell_keep);
+      if constexpr (pointwise::kVectorized<scalar_t>) {
+        if (layer_norm) {
+          team.sync();
+          layer_norm->hidden_from_cell(rows, row0, units, g, c_data, hidden, hidden_copy, step_saved.tanh_cell,
+                                       team.rank == 0);
+          if (step_cell_keep.data) {
+            team.sync();  // every member has read c̃_t
+            for (int64_t r = 0; r < rows; ++r) {
+              const scalar_t* keep = step_cell_keep.data + r * step_cell_keep.ld;
+              const scalar_t* c_prev = step_saved.cell_prev + r * H;
+              scalar_t* c_t = c_data + r * H;
+              for (int64_t j = units.begin; j < units.end; ++j) {
+                c_t[j] = keep[j] * c_prev[j] + (scalar_t(1) - keep[j]) * c_t[j];
+              }
+            }
+          }
+        }
+      }
       if (!projected) {
-        CellPointwise<Cell>::forward(rows, H, units, g, c_data, {h_data, rows, P, P},
-                                     {out + row0 * ld, rows, P, ld}, step_saved, unit_weights, step_cell_keep);
         if (hidden_keep.data) {
           zone_out_hidden();
           for (int64_t r = 0; r < rows; ++r) {
@@ -240,8 +442,6 @@ struct FullLayer {
         team.sync();
         continue;
       }
-      CellPointwise<Cell>::forward(rows, H, units, g, c_data, {h_pre_data, rows, H, H}, {}, step_saved, unit_weights,
-                                   step_cell_keep);
       team.sync();
       weights.projection->multiply({h_pre_data, rows, H, H}, col_begin, {out_step, rows, cols, ld}, false);
       zone_out_hidden();
@@ -296,8 +496,9 @@ struct FullLayer {
           {pre.select(1, 0), pre.select(1, 1), pre.select(1, 2), pre.select(1, 3)}, c, unit_weights);
       // With layer norm, h_t = σ(o)·tanh(LN(c_t)) in place of the cell's σ(o)·tanh(c_t).
       const Tensor hidden_pre =
-          normalized ? v.o * at::layer_norm(v.cell, {H}, params.layer_norm[2], params.layer_norm[3], kLayerNormEps).tanh()
-                     : v.hidden;
+          normalized
+              ? v.o * at::layer_norm(v.cell, {H}, params.layer_norm[2], params.layer_norm[3], kLayerNormEps).tanh()
+              : v.hidden;
       const Tensor hidden = params.has_projection() ? at::matmul(hidden_pre, params.w_hr.t()) : hidden_pre;
       const auto zone_out = [&](const Tensor& keep, const Tensor& previous, const Tensor& next) {
         if (!keep.defined()) return next;
@@ -322,11 +523,14 @@ struct FullLayer {
   // Writes dL/d(pre-activation gates) into dgates [N, 4H] and, with a projection, dL/dh_t into
   // dh_rows [N, P], and sums the gradients of the cell's extra weights into grad_unit_weights
   // [K, H] (opmath, zeros on entry). dh_pre [B, H] is scratch. recurrent_mask, zoneout: the forward's.
+  // layer_norm: its step (null without layer norm); then dL/d(h_{t-1} W_hhᵀ) goes to
+  // drecurrent [N, 4H], and dgates stays dL/d(pre-activations).
   template <typename Cell, typename scalar_t>
   void backward(const CellParams& params, const PackedCell<scalar_t>& weights, const DirectionSaved& saved,
                 const Tensor& grad_output, const Tensor& dh, const Tensor& dc, const Tensor& dgates,
                 const Tensor& dh_rows, const Tensor& dh_pre, const Tensor& grad_unit_weights,
-                const Tensor& recurrent_mask, const Zoneout& zoneout, TeamMember team) const {
+                const Tensor& recurrent_mask, const Zoneout& zoneout, const LayerNormStep<scalar_t>* layer_norm,
+                const Tensor& drecurrent, TeamMember team) const {
     const int64_t H = params.hidden_size(), P = params.output_size();
     const auto [unit_begin, unit_end] = team.share(H, kShareAlign<scalar_t>);
     const UnitSlice units{unit_begin, unit_end};
@@ -350,6 +554,9 @@ struct FullLayer {
     const Matrix<const scalar_t> cell_keep = zoneout.cell<scalar_t>(), hidden_keep = zoneout.hidden<scalar_t>();
     // Zoneout's share k·dL/dh_t of a step's rows, which goes straight to dL/dh_{t-1}.
     std::vector<scalar_t> dh_kept(hidden_keep.data ? steps.max_batch() * P : 0);
+    // The same of dL/dc_t with layer norm (without, the cell's backward pass splits it itself).
+    std::vector<scalar_t> dc_kept(layer_norm && cell_keep.data ? steps.max_batch() * H : 0);
+    scalar_t* drecurrent_data = layer_norm ? drecurrent.data_ptr<scalar_t>() : nullptr;
     for (int64_t k = steps.count() - 1; k >= 0; --k) {
       const int64_t t = step_at(k), rows = steps.batch_sizes[t], row0 = steps.offsets[t];
       // dL/dh_t = (from later steps) + (from the layer output); this member owns columns [col_begin, col_end).
@@ -375,13 +582,33 @@ struct FullLayer {
         dhidden = {dh_pre_data, rows, H, H};
       }
       scalar_t* dg = dgate_data + row0 * 4 * H;
-      CellPointwise<Cell>::backward(rows, H, units, dhidden, dc_data, gates + row0 * 4 * H, tanh_cells + row0 * H,
+      const scalar_t* step_gates = gates + row0 * 4 * H;
+      if constexpr (pointwise::kVectorized<scalar_t>) {
+        if (layer_norm) {
+          team.sync();  // dL/dh̃_t of every unit
+          layer_norm->cell_gradient(rows, row0, units, dhidden, step_gates, tanh_cells + row0 * H, dc_data,
+                                    at_row(cell_keep, row0), dc_kept.data());
+        }
+      }
+      CellPointwise<Cell>::backward(rows, H, units, dhidden, dc_data, step_gates, tanh_cells + row0 * H,
                                     cells_prev + row0 * H, dg, unit_weights, grad_unit_weight_data,
-                                    at_row(cell_keep, row0));
+                                    layer_norm ? Matrix<const scalar_t>{} : at_row(cell_keep, row0));
       team.sync();
-      // dL/dh_{t-1} = dgates · W_hh, this member's columns, alternating the walk over W_hh.
-      weights.recurrent.multiply({dg, rows, 4 * H, 4 * H}, col_begin, {dh_data + col_begin, rows, cols, P}, false,
-                                 nullptr, walks_w_hh_descending(k));
+      // The product's side: dL/d(h_{t-1} W_hhᵀ), through layer norm's recurrent LN if any.
+      const scalar_t* dproduct = dg;
+      if constexpr (pointwise::kVectorized<scalar_t>) {
+        if (layer_norm) {
+          for (int64_t r = 0; r < rows && !dc_kept.empty(); ++r) {
+            for (int64_t j = units.begin; j < units.end; ++j) dc_data[r * H + j] += dc_kept[r * H + j];
+          }
+          layer_norm->recurrent_gradient(rows, row0, units, dg, drecurrent_data + row0 * 4 * H);
+          team.sync();
+          dproduct = drecurrent_data + row0 * 4 * H;
+        }
+      }
+      // dL/dh_{t-1} = dproduct · W_hh, this member's columns, alternating the walk over W_hh.
+      weights.recurrent.multiply({dproduct, rows, 4 * H, 4 * H}, col_begin, {dh_data + col_begin, rows, cols, P},
+                                 false, nullptr, walks_w_hh_descending(k));
       for (int64_t r = 0; r < rows && mask; ++r) {
         for (int64_t j = col_begin; j < col_end; ++j) dh_data[r * P + j] *= mask[r * P + j];
       }

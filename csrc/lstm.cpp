@@ -182,33 +182,56 @@ struct Workspace {
   Tensor recurrent_masks;  // [L*D, B, P] recurrent dropout's scaled keep-masks, or [0] without
   Tensor zoneout_cell_masks;    // [L*D, N, H] zoneout's masks of c in training, or [0]
   Tensor zoneout_hidden_masks;  // [L*D, N, P] zoneout's masks of h in training, or [0]
+  // Layer norm's LayerNormSaved (see layer.h), or [0] each without layer norm.
+  Tensor layer_norm_inputs;      // [L*D, N, 4H]
+  Tensor layer_norm_recurrents;  // [L*D, N, 4H]
+  Tensor layer_norm_cells;       // [L*D, N, H]
+  Tensor layer_norm_rstds;       // [L*D, N, 3]
+
+  static constexpr size_t kSize = 13;
 
   static Workspace allocate(const StackShape& s, int64_t rows, int64_t batch, bool with_dropout,
-                            bool with_recurrent_dropout, bool with_zoneout, const at::TensorOptions& opts) {
+                            bool with_recurrent_dropout, bool with_zoneout, bool with_layer_norm,
+                            const at::TensorOptions& opts) {
     const int64_t cells = s.num_layers * s.num_directions, H = s.hidden_size, P = s.output_size;
     const int64_t between = s.num_layers - 1, width = s.num_directions * P;
+    const auto empty_if = [&](bool wanted, at::IntArrayRef shape) {
+      return wanted ? at::empty(shape, opts) : at::empty({0}, opts);
+    };
     return {at::empty({cells, rows, 4 * H}, opts),
             at::empty({cells, rows, H}, opts),
             at::empty({cells, rows, H}, opts),
             at::empty({cells, rows, P}, opts),
             at::empty({between, rows, width}, opts),
-            with_dropout ? at::empty({between, rows, width}, opts) : at::empty({0}, opts),
-            with_recurrent_dropout ? at::empty({cells, batch, P}, opts) : at::empty({0}, opts),
-            with_zoneout ? at::empty({cells, rows, H}, opts) : at::empty({0}, opts),
-            with_zoneout ? at::empty({cells, rows, P}, opts) : at::empty({0}, opts)};
+            empty_if(with_dropout, {between, rows, width}),
+            empty_if(with_recurrent_dropout, {cells, batch, P}),
+            empty_if(with_zoneout, {cells, rows, H}),
+            empty_if(with_zoneout, {cells, rows, P}),
+            empty_if(with_layer_norm, {cells, rows, 4 * H}),
+            empty_if(with_layer_norm, {cells, rows, 4 * H}),
+            empty_if(with_layer_norm, {cells, rows, H}),
+            empty_if(with_layer_norm, {cells, rows, 3})};
   }
   static Workspace from_list(TensorList list) {
-    TORCH_CHECK(list.size() == 9, "lstm_ext: the workspace is empty: the forward ran without saving for backward");
-    return {list[0], list[1], list[2], list[3], list[4], list[5], list[6], list[7], list[8]};
+    TORCH_CHECK(list.size() == kSize,
+                "lstm_ext: the workspace is empty: the forward ran without saving for backward");
+    return {list[0], list[1], list[2], list[3],  list[4],  list[5], list[6],
+            list[7], list[8], list[9], list[10], list[11], list[12]};
   }
   std::vector<Tensor> to_list() const {
-    return {gates,         tanh_cells,      cells_prev,         hiddens_prev,        layer_inputs,
-            dropout_masks, recurrent_masks, zoneout_cell_masks, zoneout_hidden_masks};
+    return {gates,         tanh_cells,      cells_prev,         hiddens_prev,         layer_inputs,
+            dropout_masks, recurrent_masks, zoneout_cell_masks, zoneout_hidden_masks, layer_norm_inputs,
+            layer_norm_recurrents, layer_norm_cells, layer_norm_rstds};
   }
   bool has_dropout() const { return dropout_masks.numel() > 0; }
   Tensor recurrent_mask(int64_t cell) const { return recurrent_masks.numel() > 0 ? recurrent_masks[cell] : Tensor(); }
   DirectionSaved direction(int64_t cell) const {
-    return {gates[cell], tanh_cells[cell], cells_prev[cell], hiddens_prev[cell]};
+    LayerNormSaved layer_norm;
+    if (layer_norm_rstds.numel() > 0) {
+      layer_norm = {layer_norm_inputs[cell], layer_norm_recurrents[cell], layer_norm_cells[cell],
+                    layer_norm_rstds[cell]};
+    }
+    return {gates[cell], tanh_cells[cell], cells_prev[cell], hiddens_prev[cell], layer_norm};
   }
 };
 
@@ -267,21 +290,77 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
     double recurrent_dropout, const std::optional<Tensor>& recurrent_masks, at::ArrayRef<double> zoneout,
     std::optional<TensorList> zoneout_masks);
 
+// ---- layer norm -----------------------------------------------------------------------------------
+
+// What a layer-direction's forward keeps for layer norm's backward, or nothing (inference).
+LayerNormSaved saved_layer_norm(const Workspace& ws, int64_t cell) {
+  return ws.layer_norm_rstds.defined() ? ws.direction(cell).layer_norm : LayerNormSaved{};
+}
+
+// Layer norm's step for a layer-direction: its weights, its scratch ([B, 6H]: the recurrent
+// product [B, 4H], then tanh(LN(c̃_t)) and c_{t-1} [B, H] in inference), what the forward keeps
+// (undefined in inference), and the gradients of γ_hh, γ_c, β_c ([6H], zeros; undefined in the
+// forward).
+template <typename scalar_t>
+LayerNormStep<scalar_t> layer_norm_step(const CellParams& params, const Tensor& scratch, const LayerNormSaved& saved,
+                                        const Tensor& grad_weights = Tensor()) {
+  const int64_t H = params.hidden_size();
+  const auto data = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+  scalar_t* scratch_data = data(scratch);
+  return {H,
+          params.layer_norm[1].data_ptr<scalar_t>(),
+          params.layer_norm[2].data_ptr<scalar_t>(),
+          params.layer_norm[3].data_ptr<scalar_t>(),
+          scratch_data,
+          scratch_data ? scratch_data + scratch.size(0) * 4 * H : nullptr,
+          scratch_data ? scratch_data + scratch.size(0) * 5 * H : nullptr,
+          data(saved.recurrent),
+          data(saved.cell),
+          data(saved.rstd),
+          data(grad_weights)};
+}
+
+// Layer norm of the input projection (see cells.h), all rows of a chunk at once, as ATen ops:
+// gates [rows, 4H] = x W_ihᵀ on entry, γ_ih·x̂ + b_ih + b_hh on exit, x̂ = LN(x W_ihᵀ). x̂ and
+// its 1/sqrt(var + eps) go to saved's rows from `row0` on, when it is defined.
+void normalize_input(const CellParams& params, Tensor gates, const LayerNormSaved& saved, int64_t row0) {
+  const auto [var, mean] = at::var_mean(gates, 1, /*correction=*/0, /*keepdim=*/true);
+  const Tensor rstd = (var + kLayerNormEps).rsqrt();
+  const Tensor normalized = (gates - mean) * rstd;
+  if (saved.input.defined()) {
+    saved.input.narrow(0, row0, gates.size(0)).copy_(normalized);
+    saved.rstd.select(1, 0).narrow(0, row0, gates.size(0)).copy_(rstd.squeeze(1));
+  }
+  if (params.b_ih.defined()) {
+    at::addcmul_out(gates, params.b_ih + params.b_hh, normalized, params.layer_norm[0]);
+  } else {
+    at::mul_out(gates, normalized, params.layer_norm[0]);
+  }
+}
+
+// Backward twin of normalize_input over all rows: from dgates, dL/d(pre-activations) [N, 4H],
+// the gradient of γ_ih; returns that of x W_ihᵀ.
+Tensor normalize_input_backward(const CellParams& params, const LayerNormSaved& saved, const Tensor& dgates,
+                                Tensor& grad_gain) {
+  grad_gain = (dgates * saved.input).sum(0);
+  const Tensor d = dgates * params.layer_norm[0];
+  return saved.rstd.select(1, 0).unsqueeze(1) *
+         (d - d.mean(1, /*keepdim=*/true) - saved.input * (d * saved.input).mean(1, /*keepdim=*/true));
+}
+
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
     const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
     TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
     bool need_workspace, c10::string_view cell, std::optional<TensorList> cell_params, double recurrent_dropout,
     at::ArrayRef<double> zoneout) {
   TORCH_CHECK(num_layers > 0, "lstm_ext: num_layers must be positive, got ", num_layers);
-  if (CellName::parse(cell).layer_norm) {
-    // Layer norm's statistics span a row's units, which the fused passes split among threads: it
-    // runs as ATen ops, differentiated by autograd (the Autograd kernels send a call that needs
-    // gradients to forward_differentiable), so there is no workspace to return.
+  if (layer_norm_as_aten_ops(cell, input.scalar_type())) {
+    // Differentiated by autograd (the Autograd kernels send a call that needs gradients to
+    // forward_differentiable): there is no workspace to return.
     Tensor sizes;
-    auto [output, hy, cy] =
-        lstm_forward_differentiable(input, batch_size_list(batch_sizes, sizes), hx, cx, params, has_biases, num_layers, dropout, train,
-                                    bidirectional, std::nullopt, cell, cell_params, recurrent_dropout, std::nullopt,
-                                    zoneout, std::nullopt);
+    auto [output, hy, cy] = lstm_forward_differentiable(
+        input, batch_size_list(batch_sizes, sizes), hx, cx, params, has_biases, num_layers, dropout, train,
+        bidirectional, std::nullopt, cell, cell_params, recurrent_dropout, std::nullopt, zoneout, std::nullopt);
     return {output, hy, cy, {}};
   }
   const int64_t D = bidirectional ? 2 : 1;
@@ -297,13 +376,17 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
               "recurrent_dropout probability has to be between 0 and 1, but got ", recurrent_dropout);
   const bool apply_recurrent_dropout = recurrent_dropout > 0 && train;
   const bool apply_zoneout = check_zoneout(zoneout);
+  const bool layer_norm = CellName::parse(cell).layer_norm;
 
   const Tensor h0 = hx.contiguous(), c0 = cx.contiguous();
   Tensor hy = h0.clone(), cy = c0.clone();
   const int64_t B = steps.max_batch();
   Workspace ws = need_workspace ? Workspace::allocate(s, N, B, apply_dropout, apply_recurrent_dropout,
-                                                     apply_zoneout && train, opts)
+                                                     apply_zoneout && train, layer_norm, opts)
                                 : Workspace{};
+  // Layer norm's scratch per direction: a step's recurrent product [B, 4H], and in inference
+  // tanh(LN(c̃_t)) and c_{t-1} [B, H] (see LayerNormStep).
+  const Tensor norm_scratch = layer_norm ? at::empty({D, B, 6 * H}, opts) : Tensor();
   const Zoneout eval_zoneout = apply_zoneout && !train ? constant_zoneout(zoneout, N, H, P, opts) : Zoneout{};
   // Inference projects the input a chunk of steps at a time into one buffer per direction, reused
   // across chunks and layers (see kInferenceChunkBytes).
@@ -329,9 +412,18 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
         std::vector<Zoneout> zoneouts;
         std::vector<DirectionSaved> saved;
         std::vector<PackedCell<scalar_t>> weights;
+        std::vector<LayerNormStep<scalar_t>> norms;
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = l * D + d;
-          weights.push_back(PackedCell<scalar_t>::for_forward(cells[c], N));
+          if (layer_norm) {
+            // The input projection without the biases, which come after its layer norm.
+            CellParams unbiased = cells[c];
+            unbiased.b_ih = unbiased.b_hh = Tensor();
+            weights.push_back(PackedCell<scalar_t>::for_forward(unbiased, N));
+            norms.push_back(layer_norm_step<scalar_t>(cells[c], norm_scratch[d], saved_layer_norm(ws, c)));
+          } else {
+            weights.push_back(PackedCell<scalar_t>::for_forward(cells[c], N));
+          }
           gates.push_back(need_workspace ? ws.gates[c] : scratch_gates[d]);
           outputs.push_back(layer_output.narrow(1, d * P, P));
           h0s.push_back(h0[c]);
@@ -360,11 +452,16 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
           for (int64_t d = 0; d < D; ++d) {
             const auto [row_begin, row_end] = FullLayer{steps, d == 1}.rows_walked(k0, k1);
             weights[d].project_input(layer_input, row_begin, row_end, gates[d]);
+            if (layer_norm) {
+              normalize_input(cells[l * D + d], gates[d].narrow(0, 0, row_end - row_begin), saved[d].layer_norm,
+                              row_begin);
+            }
           }
           for_each_direction(D, threads, [&](int d, TeamMember member) {
             FullLayer{steps, d == 1}.forward<Cell, scalar_t>(cells[l * D + d], weights[d], k0, k1, gates[d], h0s[d],
                                                        hys[d], cys[d], outputs[d], need_workspace ? &saved[d] : nullptr,
-                                                       h_pres[d], recurrent_masks[d], zoneouts[d], member);
+                                                       h_pres[d], recurrent_masks[d], zoneouts[d],
+                                                       layer_norm ? &norms[d] : nullptr, member);
           });
         }
         if (apply_dropout && !last) {
@@ -391,10 +488,12 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
     const std::optional<Tensor>& grad_hy, const std::optional<Tensor>& grad_cy, bool has_biases, int64_t num_layers,
     bool bidirectional, c10::string_view cell, std::optional<TensorList> cell_params, at::ArrayRef<double> zoneout) {
   const int64_t D = bidirectional ? 2 : 1;
-  TORCH_CHECK(!CellName::parse(cell).layer_norm, "lstm_ext::backward: cell '", cell,
-              "' has no hand-written backward; differentiate lstm_ext::forward, which runs a layer-normalised cell "
+  TORCH_CHECK(!layer_norm_as_aten_ops(cell, input.scalar_type()), "lstm_ext::backward: cell '", cell, "' in ",
+              input.scalar_type(), " has no hand-written backward; differentiate lstm_ext::forward, which runs it "
               "through lstm_ext::forward_differentiable");
-  const int64_t unit_weights = unit_weight_count(cell);
+  const bool layer_norm = CellName::parse(cell).layer_norm;
+  // A layer-direction's cell parameters: layer norm's, then the cell's own.
+  const int64_t unit_weights = unit_weight_count(cell), norm_weights = layer_norm ? kLayerNormWeights : 0;
   const std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D, cell_params, cell);
   const Workspace ws = Workspace::from_list(workspace);
   const Steps steps = make_steps(input, batch_sizes);
@@ -416,6 +515,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
                                    ? constant_zoneout(zoneout, N, H, P, hx.options())
                                    : Zoneout{};
   const Tensor all_dh_rows = cells.front().has_projection() ? at::empty({D, N, P}, hx.options()) : Tensor();
+  // Layer norm's: dL/d(h_{t-1} W_hhᵀ) of every row, and the gradients of γ_hh, γ_c, β_c.
+  const Tensor all_drecurrent = layer_norm ? at::empty({D, N, 4 * H}, hx.options()) : Tensor();
   Tensor grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::backward", [&] {
     with_cell(cell, [&]<typename Cell>() {
@@ -426,9 +527,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
         std::vector<Zoneout> zoneouts;
         std::vector<DirectionSaved> saved;
         std::vector<PackedCell<scalar_t>> weights;
+        std::vector<LayerNormStep<scalar_t>> norms;
+        std::vector<Tensor> norm_grads;  // layer norm's γ_hh [4H], γ_c [H], β_c [H]
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = l * D + d;
           weights.push_back(PackedCell<scalar_t>::for_backward(cells[c], N));
+          if (layer_norm) {
+            norm_grads.push_back(at::zeros({6 * H}, hx.options()));
+            norms.push_back(layer_norm_step<scalar_t>(cells[c], Tensor(), ws.direction(c).layer_norm, norm_grads[d]));
+          }
           dgates.push_back(all_dgates[d]);
           dh_rows.push_back(all_dh_rows.defined() ? all_dh_rows[d] : Tensor());
           grad_outs.push_back(grad_layer_output.defined() ? grad_layer_output.narrow(1, d * P, P) : Tensor());
@@ -441,14 +548,15 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
                                  ? Zoneout{ws.zoneout_cell_masks[c], ws.zoneout_hidden_masks[c]}
                                  : eval_zoneout);
           grad_unit_weights.push_back(
-              unit_weights > 0 ? at::zeros({unit_weights, H}, hx.options().dtype(at::toOpMathType(hx.scalar_type())))
-                               : Tensor());
+              Cell::kUnitWeights > 0
+                  ? at::zeros({Cell::kUnitWeights, H}, hx.options().dtype(at::toOpMathType(hx.scalar_type())))
+                  : Tensor());
         }
         for_each_direction(D, threads, [&](int d, TeamMember member) {
-          FullLayer{steps, d == 1}.backward<Cell, scalar_t>(cells[l * D + d], weights[d], saved[d], grad_outs[d],
-                                                            dhs[d], dcs[d], dgates[d], dh_rows[d], dh_pres[d],
-                                                            grad_unit_weights[d], recurrent_masks[d], zoneouts[d],
-                                                            member);
+          FullLayer{steps, d == 1}.backward<Cell, scalar_t>(
+              cells[l * D + d], weights[d], saved[d], grad_outs[d], dhs[d], dcs[d], dgates[d], dh_rows[d], dh_pres[d],
+              grad_unit_weights[d], recurrent_masks[d], zoneouts[d], layer_norm ? &norms[d] : nullptr,
+              layer_norm ? all_drecurrent[d] : Tensor(), member);
         });
         // Weight gradients as a few GEMMs over all steps at once.
         Tensor grad_layer_input = at::empty({N, layer_input.size(1)}, hx.options());
@@ -456,9 +564,21 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           const int64_t c = l * D + d;
           const CellParams& cell = cells[c];
           Tensor* grads = grad_params.data() + c * per_cell;
+          Tensor* grad_cell_params = grad_params.data() + params.size() + c * unit_weights;
           grads[0] = at::empty_like(cell.w_ih, at::MemoryFormat::Contiguous);
           grads[1] = at::empty_like(cell.w_hh, at::MemoryFormat::Contiguous);
-          PackedCell<scalar_t>::weight_gradients(dgates[d], layer_input, saved[d].hiddens_prev, grads[0], grads[1]);
+          // The gradient of x W_ihᵀ: the pre-activations', or with layer norm its input LN's.
+          Tensor dinput = dgates[d];
+          if (layer_norm) {
+            dinput = normalize_input_backward(cell, saved[d].layer_norm, dgates[d], grad_cell_params[0]);
+            for (int64_t k = 1; k < kLayerNormWeights; ++k) {
+              grad_cell_params[k] = norm_grads[d].narrow(0, k == 1 ? 0 : (k + 2) * H, k == 1 ? 4 * H : H);
+            }
+            PackedCell<scalar_t>::weight_gradient(dinput, layer_input, grads[0]);
+            PackedCell<scalar_t>::weight_gradient(all_drecurrent[d], saved[d].hiddens_prev, grads[1]);
+          } else {
+            PackedCell<scalar_t>::weight_gradients(dgates[d], layer_input, saved[d].hiddens_prev, grads[0], grads[1]);
+          }
           if (cell.b_ih.defined()) {
             grads[2] = dgates[d].sum(0);
             grads[3] = grads[2].clone();
@@ -466,12 +586,12 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           if (cell.has_projection()) {
             const Tensor hidden_pre = saved[d].gates.narrow(1, 3 * H, H) * saved[d].tanh_cells;
             grads[per_cell - 1] = at::empty_like(cell.w_hr, at::MemoryFormat::Contiguous);
-            PackedCell<scalar_t>::projection_gradient(dh_rows[d], hidden_pre, grads[per_cell - 1]);
+            PackedCell<scalar_t>::weight_gradient(dh_rows[d], hidden_pre, grads[per_cell - 1]);
           }
-          for (int64_t k = 0; k < unit_weights; ++k) {
-            grad_params[params.size() + c * unit_weights + k] = grad_unit_weights[d][k].to(hx.scalar_type());
+          for (int64_t k = 0; k < Cell::kUnitWeights; ++k) {
+            grad_cell_params[norm_weights + k] = grad_unit_weights[d][k].to(hx.scalar_type());
           }
-          weights[d].input_gradient(dgates[d], grad_layer_input, /*accumulate=*/d > 0);
+          weights[d].input_gradient(dinput, grad_layer_input, /*accumulate=*/d > 0);
         }
         if (l > 0 && ws.has_dropout()) grad_layer_input.mul_(ws.dropout_masks[l - 1]);
         grad_layer_output = grad_layer_input;

@@ -209,12 +209,12 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         cell_args = (cell_args[0], cell_params, *cell_args[2:]) if cell_args else ()
     options = (has_biases, num_layers, float(dropout), train, bidirectional)
     transform = _transform_of(input, hx, cx, *params, *cell_params)
-    # A layer-normalised cell has no hand-written backward and no batching rule: autograd and
-    # every transform go through its ATen ops (see lstm_ext::forward in csrc/lstm.cpp). Traced,
-    # the operator's own Autograd kernel does the same.
-    layer_norm = bool(cell_args) and cells.is_layer_normalised(cell_args[0]) and not torch.jit.is_tracing()
+    # Layer norm in bfloat16/float16 has no hand-written backward and no batching rule: autograd
+    # and every transform go through its ATen ops (see lstm_ext::forward in csrc/lstm.cpp).
+    # Traced, the operator's own Autograd kernel does the same.
+    aten_ops = bool(cell_args) and _layer_norm_as_aten_ops(cell_args[0], input.dtype) and not torch.jit.is_tracing()
     if transform == "differentiable" or (
-        layer_norm and (transform == "vmap" or _needs_grad(input, hx, cx, *params, *cell_params))
+        aten_ops and (transform == "vmap" or _needs_grad(input, hx, cx, *params, *cell_params))
     ):
         args = (input, _as_list(batch_sizes), hx, cx, params, *options, None, *_differentiable_tail(cell_args))
         return _ops.forward_differentiable(*args)
@@ -239,6 +239,11 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         args = (input, batch_sizes, hx, cx, params, *options, False, *cell_args)
         output, hy, cy, _ = _below_autograd(_ops.forward, *args)
     return output, hy, cy
+
+
+def _layer_norm_as_aten_ops(cell, dtype):
+    """Whether lstm_ext::forward runs a cell as ATen ops (csrc/layer.h, layer_norm_as_aten_ops)."""
+    return cells.is_layer_normalised(cell) and dtype not in (torch.float32, torch.float64)
 
 
 def _needs_grad(*tensors):
@@ -417,7 +422,7 @@ def _recomputed_backward(input, batch_sizes, hx, cx, params, workspace, options,
     """The backward as autograd through lstm_ext::forward_differentiable, replaying the forward's
     masks (dropout's, recurrent dropout's, zoneout's): differentiable itself when grad mode is on (create_graph)."""
     has_biases, num_layers, bidirectional = options
-    dropout_masks, recurrent_masks, *zoneout_masks = workspace[5:]
+    dropout_masks, recurrent_masks, *zoneout_masks = workspace[5:9]
     replayed = _differentiable_tail(cell_args, recurrent_masks, zoneout_masks)
     with torch.enable_grad():
         outputs = _ops.forward_differentiable(
@@ -464,7 +469,7 @@ def _forward_fake(
     hidden, proj = cx.shape[-1], hx.shape[-1]
     output = input.new_empty((*input.shape[:-1], directions * proj))
     workspace = []
-    if need_workspace and not cells.is_layer_normalised(cell):  # a layer-normalised cell keeps none
+    if need_workspace and not _layer_norm_as_aten_ops(cell, input.dtype):
         rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
         states, between, width = num_layers * directions, num_layers - 1, directions * proj
         with_dropout = dropout > 0 and train and num_layers > 1
@@ -479,6 +484,9 @@ def _forward_fake(
             input.new_empty((states, rows, hidden) if any(zoneout) and train else (0,)),
             input.new_empty((states, rows, proj) if any(zoneout) and train else (0,)),
         ]
+        layer_norm = cells.is_layer_normalised(cell)
+        for width in (4 * hidden, 4 * hidden, hidden, 3):
+            workspace.append(input.new_empty((states, rows, width) if layer_norm else (0,)))
     return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), workspace
 
 

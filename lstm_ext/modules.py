@@ -147,6 +147,17 @@ class LSTM(nn.LSTM):
                 self._flat_weights, self.cell, self.recurrent_dropout, self.weight_drop, self.zoneout
             )
 
+    # A checkpoint holds a variant's flat weights as a plain list, as nn.LSTM's: torch.load's
+    # weights_only unpickler builds lists, not functional.CellWeights, which loading wraps again.
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_flat_weights"] = list(state["_flat_weights"])
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._init_flat_weights()
+
     def extra_repr(self):
         variant = [f"cell={self.cell}"] if self.cell != "lstm" else []
         zoneout = self.zoneout if any(self.zoneout) else 0

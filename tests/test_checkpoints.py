@@ -19,12 +19,19 @@ from conftest import compare, make_input
 
 MODEL_MODULE = textwrap.dedent(
     """
+    import functools
+
     import torch
     from torch import nn
 
     import lstm_ext
 
-    FLAVOURS = {"native": (nn.LSTM, nn.LSTMCell), "lstm_ext": (lstm_ext.LSTM, lstm_ext.LSTMCell)}
+    VARIANT = dict(layer_norm=True, peephole=True)
+    FLAVOURS = {
+        "native": (nn.LSTM, nn.LSTMCell),
+        "lstm_ext": (lstm_ext.LSTM, lstm_ext.LSTMCell),
+        "lstm_ext_variant": (functools.partial(lstm_ext.LSTM, **VARIANT), functools.partial(lstm_ext.LSTMCell, **VARIANT)),
+    }
 
 
     class RNNModel(nn.Module):
@@ -103,7 +110,7 @@ def save_model(model_dir, flavour):
     assert completed.returncode == 0, completed.stderr
 
 
-@pytest.mark.parametrize("flavour", ["native", "lstm_ext"])
+@pytest.mark.parametrize("flavour", ["native", "lstm_ext", "lstm_ext_variant"])
 def test_whole_model_loads_with_default_weights_only_in_a_fresh_process(model_dir, flavour):
     save_model(model_dir, flavour)
     completed = run_script(LOAD, model_dir, "1")

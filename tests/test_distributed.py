@@ -109,10 +109,11 @@ def test_ddp_training_matches_single_process_on_the_whole_batch(tmp_path):
     compare(ranks[0], expected, msg="DDP parameters vs one process on the whole batch")
 
 
-def test_ddp_trains_a_cell_variant_like_one_process(tmp_path):
-    run_ranks(tmp_path, VARIANT)
+@pytest.mark.parametrize("variant", [VARIANT, dict(VARIANT, layer_norm=True)], ids=["peephole", "layer_norm"])
+def test_ddp_trains_a_cell_variant_like_one_process(tmp_path, variant):
+    run_ranks(tmp_path, variant)
     ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
-    expected = train(make_model(VARIANT), batches())
+    expected = train(make_model(variant), batches())
     assert "weight_co_l1_reverse" in expected
     compare(ranks[0], expected, msg="DDP parameters vs one process on the whole batch")
     compare(ranks[1], expected, msg="DDP parameters vs one process on the whole batch")

@@ -145,7 +145,9 @@ def test_dropout_in_training_mode_refuses_to_export(tmp_path):
 
 
 @pytest.mark.parametrize("exporter", EXPORTERS)
-@pytest.mark.parametrize("variant", [dict(peephole=True), dict(zoneout=0.1), dict(cell="cifg")], ids=str)
+@pytest.mark.parametrize(
+    "variant", [dict(peephole=True), dict(zoneout=0.1), dict(cell="cifg"), dict(layer_norm=True)], ids=str
+)
 def test_cell_variants_refuse_to_export(tmp_path, variant, exporter):
     """ONNX's LSTM node is the plain cell: a variant raises rather than exporting the wrong math."""
     lstm = lstm_ext.LSTM(INPUT_SIZE, HIDDEN_SIZE, **variant).eval()
