@@ -83,7 +83,7 @@ class LSTM(nn.LSTM):
     h_t = σ(o)·tanh(LN(c_t; γ_c, β_c)) (over H; the carried c_t is not normalised), with
     LN(v; γ, β) = γ·(v - mean(v)) / sqrt(var(v) + 1e-5) + β. Parameters ``ln_weight_ih_l{k}``,
     ``ln_weight_hh_l{k}`` [4·hidden_size], ``ln_weight_c_l{k}``, ``ln_bias_c_l{k}`` [hidden_size]
-    (initialised to 1, 1, 1, 0), before any other cell's. Runs as ATen ops per step, not fused.
+    (initialised to 1, 1, 1, 0), before any other cell's parameters.
 
     ``peephole=True``: the i and f gates see c_{t-1}, the o gate c_t, through per-unit weights
     ``weight_ci_l{k}``, ``weight_cf_l{k}``, ``weight_co_l{k}`` [hidden_size].
