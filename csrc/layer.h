@@ -93,6 +93,54 @@ std::pair<scalar_t, scalar_t> row_moments(const scalar_t* v, int64_t n) {
   return {mean, scalar_t(1) / std::sqrt(var + scalar_t(kLayerNormEps))};
 }
 
+// The input projection's layer norm over rows [0, rows) of gates [rows, 4H], all of a chunk at
+// once before the loop: x W_ihᵀ on entry, γ_ih·x̂ + b_ih + b_hh on exit (no biases when b_ih is
+// null), x̂ = LN(x W_ihᵀ). x̂ and its 1/sqrt(var + eps) go to saved_normalized [rows, 4H] and
+// saved_rstd (stride 3) when they are not null.
+template <typename scalar_t>
+void normalize_input(int64_t rows, int64_t H, scalar_t* gates, const scalar_t* gain, const scalar_t* b_ih,
+                     const scalar_t* b_hh, scalar_t* saved_normalized, scalar_t* saved_rstd) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      scalar_t* g = gates + r * 4 * H;
+      const auto [mean, rstd] = row_moments(g, 4 * H);
+      if (saved_rstd) saved_rstd[r * 3] = rstd;
+      pointwise::for_each_chunk<scalar_t>(0, 4 * H, [&](int64_t j, int64_t n) {
+        const Vec normalized = (Vec::loadu(g + j, n) - Vec(mean)) * Vec(rstd);
+        if (saved_normalized) normalized.store(saved_normalized + r * 4 * H + j, n);
+        const Vec bias = b_ih ? Vec::loadu(b_ih + j, n) + Vec::loadu(b_hh + j, n) : Vec(0);
+        at::vec::fmadd(Vec::loadu(gain + j, n), normalized, bias).store(g + j, n);
+      });
+    }
+  });
+}
+
+// The backward of a row's gates += γ·x̂, x̂ = LN(v) over its 4H columns: from dg = dL/d gates (all
+// columns), dv = rstd·(γ·dg − mean(γ·dg) − x̂·mean(γ·dg·x̂)) for the columns of `units` in each
+// gate block, and dg·x̂ added to grad_gain's (unless it is null).
+template <typename scalar_t>
+void gate_norm_backward(int64_t H, UnitSlice units, const scalar_t* dg, const scalar_t* gain,
+                        const scalar_t* normalized, scalar_t rstd, scalar_t* dv, scalar_t* grad_gain) {
+  using Vec = at::vec::Vectorized<scalar_t>;
+  const auto add = [](Vec& a, Vec& b) { return a + b; };
+  Vec sum(0), sum_normalized(0);
+  pointwise::for_each_chunk<scalar_t>(0, 4 * H, [&](int64_t j, int64_t n) {
+    const Vec d = Vec::loadu(gain + j, n) * Vec::loadu(dg + j, n);
+    sum = sum + d;
+    sum_normalized = at::vec::fmadd(d, Vec::loadu(normalized + j, n), sum_normalized);
+  });
+  const Vec mean(at::vec::vec_reduce_all<scalar_t>(add, sum) / scalar_t(4 * H));
+  const Vec mean_normalized(at::vec::vec_reduce_all<scalar_t>(add, sum_normalized) / scalar_t(4 * H));
+  for (int64_t block = 0; block < 4; ++block) {
+    pointwise::for_each_chunk<scalar_t>(block * H + units.begin, block * H + units.end, [&](int64_t j, int64_t n) {
+      const Vec d = Vec::loadu(dg + j, n), x = Vec::loadu(normalized + j, n);
+      (Vec(rstd) * (Vec::loadu(gain + j, n) * d - mean - x * mean_normalized)).store(dv + j, n);
+      if (grad_gain) (Vec::loadu(grad_gain + j, n) + d * x).store(grad_gain + j, n);
+    });
+  }
+}
+
 // One layer-direction's layer norm in its recurrent loop, forward and backward. Row pointers
 // are at the step's first row; `saved_*` are null in inference.
 template <typename scalar_t>
@@ -201,30 +249,25 @@ struct LayerNormStep {
   // gradient of h_{t-1} W_hhᵀ for this member's columns into drecurrent, and of γ_hh.
   void recurrent_gradient(int64_t rows, int64_t row0, UnitSlice units, const scalar_t* dgates,
                           scalar_t* drecurrent) const {
-    const auto add = [](Vec& a, Vec& b) { return a + b; };
     for (int64_t r = 0; r < rows; ++r) {
-      const scalar_t* dg = dgates + r * 4 * H;
-      const scalar_t* normalized = saved_recurrent + (row0 + r) * 4 * H;
-      Vec sum(0), sum_normalized(0);
-      pointwise::for_each_chunk<scalar_t>(0, 4 * H, [&](int64_t j, int64_t n) {
-        const Vec d = Vec::loadu(gain_recurrent + j, n) * Vec::loadu(dg + j, n);
-        sum = sum + d;
-        sum_normalized = at::vec::fmadd(d, Vec::loadu(normalized + j, n), sum_normalized);
-      });
-      const scalar_t mean = at::vec::vec_reduce_all<scalar_t>(add, sum) / scalar_t(4 * H);
-      const scalar_t mean_normalized = at::vec::vec_reduce_all<scalar_t>(add, sum_normalized) / scalar_t(4 * H);
-      const Vec rstd(saved_rstd[(row0 + r) * 3 + 1]);
-      for (int64_t block = 0; block < 4; ++block) {
-        pointwise::for_each_chunk<scalar_t>(block * H + units.begin, block * H + units.end, [&](int64_t j, int64_t n) {
-          const Vec d = Vec::loadu(dg + j, n), x = Vec::loadu(normalized + j, n);
-          (rstd * (Vec::loadu(gain_recurrent + j, n) * d - Vec(mean) - x * Vec(mean_normalized)))
-              .store(drecurrent + r * 4 * H + j, n);
-          (Vec::loadu(grad_weights + j, n) + d * x).store(grad_weights + j, n);
-        });
-      }
+      gate_norm_backward(H, units, dgates + r * 4 * H, gain_recurrent, saved_recurrent + (row0 + r) * 4 * H,
+                         saved_rstd[(row0 + r) * 3 + 1], drecurrent + r * 4 * H, grad_weights);
     }
   }
 };
+
+// Backward twin of normalize_input, rows [0, rows): dinput = dL/d(x W_ihᵀ) [rows, 4H] from dgates
+// = dL/d(pre-activations); γ_ih's gradient, Σ dgates·x̂ over rows, is the caller's.
+template <typename scalar_t>
+void normalize_input_backward(int64_t rows, int64_t H, const scalar_t* dgates, const scalar_t* gain,
+                              const scalar_t* normalized, const scalar_t* rstd, scalar_t* dinput) {
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      gate_norm_backward<scalar_t>(H, {0, H}, dgates + r * 4 * H, gain, normalized + r * 4 * H, rstd[r * 3],
+                                   dinput + r * 4 * H, nullptr);
+    }
+  });
+}
 
 // Zoneout's share k of the previous state in the new one, per row and unit: [N, H] for c and
 // [N, P] for h (in training zoneout's masks; in eval its constants, expanded: stride 0 over

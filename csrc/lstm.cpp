@@ -320,34 +320,6 @@ LayerNormStep<scalar_t> layer_norm_step(const CellParams& params, const Tensor& 
           data(grad_weights)};
 }
 
-// Layer norm of the input projection (see cells.h), all rows of a chunk at once, as ATen ops:
-// gates [rows, 4H] = x W_ihᵀ on entry, γ_ih·x̂ + b_ih + b_hh on exit, x̂ = LN(x W_ihᵀ). x̂ and
-// its 1/sqrt(var + eps) go to saved's rows from `row0` on, when it is defined.
-void normalize_input(const CellParams& params, Tensor gates, const LayerNormSaved& saved, int64_t row0) {
-  const auto [var, mean] = at::var_mean(gates, 1, /*correction=*/0, /*keepdim=*/true);
-  const Tensor rstd = (var + kLayerNormEps).rsqrt();
-  const Tensor normalized = (gates - mean) * rstd;
-  if (saved.input.defined()) {
-    saved.input.narrow(0, row0, gates.size(0)).copy_(normalized);
-    saved.rstd.select(1, 0).narrow(0, row0, gates.size(0)).copy_(rstd.squeeze(1));
-  }
-  if (params.b_ih.defined()) {
-    at::addcmul_out(gates, params.b_ih + params.b_hh, normalized, params.layer_norm[0]);
-  } else {
-    at::mul_out(gates, normalized, params.layer_norm[0]);
-  }
-}
-
-// Backward twin of normalize_input over all rows: from dgates, dL/d(pre-activations) [N, 4H],
-// the gradient of γ_ih; returns that of x W_ihᵀ.
-Tensor normalize_input_backward(const CellParams& params, const LayerNormSaved& saved, const Tensor& dgates,
-                                Tensor& grad_gain) {
-  grad_gain = (dgates * saved.input).sum(0);
-  const Tensor d = dgates * params.layer_norm[0];
-  return saved.rstd.select(1, 0).unsqueeze(1) *
-         (d - d.mean(1, /*keepdim=*/true) - saved.input * (d * saved.input).mean(1, /*keepdim=*/true));
-}
-
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
     const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
     TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
@@ -452,9 +424,17 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
           for (int64_t d = 0; d < D; ++d) {
             const auto [row_begin, row_end] = FullLayer{steps, d == 1}.rows_walked(k0, k1);
             weights[d].project_input(layer_input, row_begin, row_end, gates[d]);
-            if (layer_norm) {
-              normalize_input(cells[l * D + d], gates[d].narrow(0, 0, row_end - row_begin), saved[d].layer_norm,
-                              row_begin);
+            if constexpr (pointwise::kVectorized<scalar_t>) {
+              if (layer_norm) {
+                const CellParams& cell = cells[l * D + d];
+                const LayerNormSaved& kept = saved[d].layer_norm;
+                const auto data = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+                normalize_input<scalar_t>(
+                    row_end - row_begin, H, gates[d].data_ptr<scalar_t>(), cell.layer_norm[0].data_ptr<scalar_t>(),
+                    data(cell.b_ih), data(cell.b_hh),
+                    kept.input.defined() ? kept.input.data_ptr<scalar_t>() + row_begin * 4 * H : nullptr,
+                    kept.rstd.defined() ? kept.rstd.data_ptr<scalar_t>() + row_begin * 3 : nullptr);
+              }
             }
           }
           for_each_direction(D, threads, [&](int d, TeamMember member) {
@@ -570,7 +550,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           // The gradient of x W_ihᵀ: the pre-activations', or with layer norm its input LN's.
           Tensor dinput = dgates[d];
           if (layer_norm) {
-            dinput = normalize_input_backward(cell, saved[d].layer_norm, dgates[d], grad_cell_params[0]);
+            if constexpr (pointwise::kVectorized<scalar_t>) {
+              const LayerNormSaved& kept = saved[d].layer_norm;
+              dinput = at::empty_like(dgates[d]);
+              normalize_input_backward<scalar_t>(N, H, dgates[d].data_ptr<scalar_t>(),
+                                                 cell.layer_norm[0].data_ptr<scalar_t>(), kept.input.data_ptr<scalar_t>(),
+                                                 kept.rstd.data_ptr<scalar_t>(), dinput.data_ptr<scalar_t>());
+              grad_cell_params[0] = (dgates[d] * kept.input).sum(0);
+            }
             for (int64_t k = 1; k < kLayerNormWeights; ++k) {
               grad_cell_params[k] = norm_grads[d].narrow(0, k == 1 ? 0 : (k + 2) * H, k == 1 ? 4 * H : H);
             }
