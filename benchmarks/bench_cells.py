@@ -115,7 +115,9 @@ def make_calls(variant, shape, train, compiled=False):
         "loop": lambda: run(lambda: loop(module, x, h0, c0), list(module.parameters())),
     }
     if compiled:
-        compiled_loop = torch.compile(loop)
+        # Whole (fullgraph), so that a graph break cannot time eager code; dynamo refuses any
+        # nn.LSTM instance, lstm_ext.LSTM among them, unless allow_rnn.
+        compiled_loop = torch._dynamo.config.patch(allow_rnn=True)(torch.compile(loop, fullgraph=True))
         calls["compiled loop"] = lambda: run(lambda: compiled_loop(module, x, h0, c0), list(module.parameters()))
     return module, x, h0, c0, calls
 
