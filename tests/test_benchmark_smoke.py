@@ -65,3 +65,9 @@ def test_cell_variant_benchmark_runs_every_variant():
     expected = {(variant, train) for variant in bench_cells.VARIANTS for train in (False, True)}
     assert {(r["variant"], r["train"]) for r in rows} == expected
     assert all(set(r["ms"]) == {"lstm_ext", "plain", "loop"} for r in rows)
+
+
+def test_cell_variant_benchmark_times_the_compiled_loop():
+    rows = bench_cells.main(["--variants", "layer_norm", "--shapes", "2,2,4", "--repeats", "1", "--compiled"])
+    assert [r["train"] for r in rows] == [False, True]
+    assert all(set(r["ms"]) == {"lstm_ext", "plain", "loop", "compiled loop"} for r in rows)

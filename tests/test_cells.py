@@ -429,6 +429,20 @@ def test_layer_norm_in_bfloat16_runs_as_aten_ops():
                                     "layer_norm", cell_params)
 
 
+def test_layer_norm_under_autocast_follows_float32():
+    """bfloat16 under autocast (the ATen-op path), gradients reaching the float32 parameters."""
+    torch.manual_seed(0)
+    module = lstm_ext.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, layer_norm=True, peephole=True)
+    input = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE)
+    expected = module(input)[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = module(input)[0]
+    assert output.dtype == torch.bfloat16
+    torch.testing.assert_close(output.float(), expected, atol=5e-2, rtol=5e-2)
+    output.float().sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in module.parameters())
+
+
 def test_opcheck_forward_with_layer_norm():
     f, primals = functional_case("layer_norm_all")
     input, h0, c0, *weights = primals
