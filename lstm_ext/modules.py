@@ -12,7 +12,6 @@ after each layer-direction's native ones, in ``_flat_weights`` too, which then i
 :func:`functional.lstm` as it is.
 """
 
-import functools
 import math
 import types
 
@@ -200,13 +199,27 @@ _plain_cell_forward = _with_lstm_ext_ops(nn.LSTMCell.forward)
 
 
 def _variant_cell_forward(self, input, hx=None):
-    """nn.LSTMCell's forward code, calling lstm_cell with the module's variant."""
+    """nn.LSTMCell.forward's steps with the module's variant: native's checks, unbatched input and
+    omitted hx, then lstm_cell with the cell's parameters. Spelled out rather than run as native's
+    code: that code could take the variant only through a _VF made at each call, which
+    torch.compile cannot trace."""
+    if input.dim() not in (1, 2):
+        raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+    for index, value in enumerate(hx if hx is not None else ()):
+        if value.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead")
+    is_batched = input.dim() == 2
+    if not is_batched:
+        input = input.unsqueeze(0)
+    if hx is None:
+        zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+        hx = (zeros, zeros)
+    elif not is_batched:
+        hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
     cell_params = [getattr(self, name) for name, *_ in cells.parameters(self.cell)]
-    lstm_cell = functools.partial(
-        functional.lstm_cell, cell=self.cell, cell_params=cell_params, zoneout=self.zoneout, train=self.training
-    )
-    forward = _with_lstm_ext_ops(nn.LSTMCell.forward, types.SimpleNamespace(lstm_cell=lstm_cell))
-    return forward(self, input, hx)
+    h, c = functional.lstm_cell(input, hx, self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                                cell=self.cell, cell_params=cell_params, zoneout=self.zoneout, train=self.training)
+    return (h, c) if is_batched else (h.squeeze(0), c.squeeze(0))
 
 
 # torch.load's default (weights_only) unpickler builds only allow-listed classes. A script that

@@ -723,6 +723,16 @@ def test_lstm_cell_variant_parameters_state_dict_and_copies():
     assert "forward" not in vars(plain)
 
 
+@pytest.mark.parametrize("variant", ["peephole+zoneout", "layer_norm+peephole+zoneout"])
+def test_lstm_cell_variant_compiles_fullgraph(variant):
+    torch.manual_seed(0)
+    cell = lstm_ext.LSTMCell(INPUT_SIZE, HIDDEN_SIZE, **CELL_VARIANTS[variant]).double().eval()
+    x, h, c = (torch.randn(BATCH, size, dtype=torch.float64) for size in (INPUT_SIZE, HIDDEN_SIZE, HIDDEN_SIZE))
+    compiled = torch.compile(cell, fullgraph=True, backend="aot_eager")
+    compare(compiled(x, (h, c)), cell(x, (h, c)))
+    compare(compiled(x[0]), cell(x[0]))
+
+
 def test_lstm_cell_variant_takes_unbatched_input_and_no_hx():
     cell = lstm_ext.LSTMCell(3, 4, peephole=True, zoneout=0.25).double().eval()
     x = torch.randn(3, dtype=torch.float64)
