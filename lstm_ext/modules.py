@@ -9,7 +9,8 @@ and ``repr`` are inherited. So the module matches native by construction, not by
 A cell variant (keyword-only options of ``LSTM``, see :mod:`lstm_ext.cells`) adds its parameters
 after each layer-direction's native ones, in ``_flat_weights`` too, which then is a
 :class:`functional.CellWeights` naming the variant: nn.LSTM's forward hands it to
-:func:`functional.lstm` as it is.
+:func:`functional.lstm` as it is. ``LSTMCell`` has no such list, so a variant cell's forward
+spells native's steps out (``_variant_cell_forward``).
 """
 
 import math
