@@ -70,17 +70,17 @@ struct DirectionSaved {
 };
 
 // ---- layer norm's steps ---------------------------------------------------------------------------
+//
+// Layer norm's statistics span a row's units, of which a team member owns a slice: after the
+// step's product, and again after the pointwise pass, the members meet; then each reads whole
+// rows, computes their statistics (the same numbers in every member) and writes its units only.
+// Float and double only (the reduced types take the differentiable recomputation, see lstm.cpp).
 
 // Whether a call runs layer norm as ATen ops (FullLayer::forward_differentiable, differentiated by
 // autograd) instead of in the fused passes, which have it for float and double.
 inline bool layer_norm_as_aten_ops(c10::string_view cell, at::ScalarType dtype) {
   return CellName::parse(cell).layer_norm && dtype != at::kFloat && dtype != at::kDouble;
 }
-//
-// Layer norm's statistics span a row's units, of which a team member owns a slice: after the
-// step's product, and again after the pointwise pass, the members meet; then each reads whole
-// rows, computes their statistics (the same numbers in every member) and writes its units only.
-// Float and double only (the reduced types take the differentiable recomputation, see lstm.cpp).
 
 // The mean and 1/sqrt(var + eps) of v[0, n), the variance from the centred values (as ATen's).
 template <typename scalar_t>
@@ -141,8 +141,9 @@ void gate_norm_backward(int64_t H, UnitSlice units, const scalar_t* dg, const sc
   }
 }
 
-// One layer-direction's layer norm in its recurrent loop, forward and backward. Row pointers
-// are at the step's first row; `saved_*` are null in inference.
+// One layer-direction's layer norm in its recurrent loop, forward and backward. The passes take
+// the step's rows of gates, cell and their gradients; `saved_*` are LayerNormSaved's whole data
+// (null in inference), indexed from the step's first row, row0.
 template <typename scalar_t>
 struct LayerNormStep {
   using Vec = at::vec::Vectorized<scalar_t>;

@@ -292,11 +292,6 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
 
 // ---- layer norm -----------------------------------------------------------------------------------
 
-// What a layer-direction's forward keeps for layer norm's backward, or nothing (inference).
-LayerNormSaved saved_layer_norm(const Workspace& ws, int64_t cell) {
-  return ws.layer_norm_rstds.defined() ? ws.direction(cell).layer_norm : LayerNormSaved{};
-}
-
 // Layer norm's step for a layer-direction: its weights, its scratch ([B, 6H]: the recurrent
 // product [B, 4H], then tanh(LN(c̃_t)) and c_{t-1} [B, H] in inference), what the forward keeps
 // (undefined in inference), and the gradients of γ_hh, γ_c, β_c ([6H], zeros; undefined in the
@@ -392,7 +387,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
             CellParams unbiased = cells[c];
             unbiased.b_ih = unbiased.b_hh = Tensor();
             weights.push_back(PackedCell<scalar_t>::for_forward(unbiased, N));
-            norms.push_back(layer_norm_step<scalar_t>(cells[c], norm_scratch[d], saved_layer_norm(ws, c)));
+            const LayerNormSaved kept = need_workspace ? ws.direction(c).layer_norm : LayerNormSaved{};
+            norms.push_back(layer_norm_step<scalar_t>(cells[c], norm_scratch[d], kept));
           } else {
             weights.push_back(PackedCell<scalar_t>::for_forward(cells[c], N));
           }
