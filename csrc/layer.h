@@ -95,20 +95,21 @@ std::pair<scalar_t, scalar_t> row_moments(const scalar_t* v, int64_t n) {
 
 // The input projection's layer norm over rows [0, rows) of gates [rows, 4H], all of a chunk at
 // once before the loop: x W_ihᵀ on entry, γ_ih·x̂ + b_ih + b_hh on exit (no biases when b_ih is
-// null), x̂ = LN(x W_ihᵀ). x̂ and its 1/sqrt(var + eps) go to saved_normalized [rows, 4H] and
-// saved_rstd (stride 3) when they are not null.
+// null), x̂ = LN(x W_ihᵀ). x̂ and its 1/sqrt(var + eps) go to saved_normalized [N, 4H] and
+// saved_rstd [N, 3] (LayerNormSaved's data) from the chunk's first row, row0, on when they are
+// not null.
 template <typename scalar_t>
-void normalize_input(int64_t rows, int64_t H, scalar_t* gates, const scalar_t* gain, const scalar_t* b_ih,
-                     const scalar_t* b_hh, scalar_t* saved_normalized, scalar_t* saved_rstd) {
+void normalize_input(int64_t rows, int64_t row0, int64_t H, scalar_t* gates, const scalar_t* gain,
+                     const scalar_t* b_ih, const scalar_t* b_hh, scalar_t* saved_normalized, scalar_t* saved_rstd) {
   using Vec = at::vec::Vectorized<scalar_t>;
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       scalar_t* g = gates + r * 4 * H;
       const auto [mean, rstd] = row_moments(g, 4 * H);
-      if (saved_rstd) saved_rstd[r * 3] = rstd;
+      if (saved_rstd) saved_rstd[(row0 + r) * 3] = rstd;
       pointwise::for_each_chunk<scalar_t>(0, 4 * H, [&](int64_t j, int64_t n) {
         const Vec normalized = (Vec::loadu(g + j, n) - Vec(mean)) * Vec(rstd);
-        if (saved_normalized) normalized.store(saved_normalized + r * 4 * H + j, n);
+        if (saved_normalized) normalized.store(saved_normalized + (row0 + r) * 4 * H + j, n);
         const Vec bias = b_ih ? Vec::loadu(b_ih + j, n) + Vec::loadu(b_hh + j, n) : Vec(0);
         at::vec::fmadd(Vec::loadu(gain + j, n), normalized, bias).store(g + j, n);
       });

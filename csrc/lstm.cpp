@@ -292,6 +292,11 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
 
 // ---- layer norm -----------------------------------------------------------------------------------
 
+template <typename scalar_t>
+scalar_t* data_or_null(const Tensor& t) {
+  return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
+}
+
 // Layer norm's step for a layer-direction: its weights, its scratch ([B, 6H]: the recurrent
 // product [B, 4H], then tanh(LN(c̃_t)) and c_{t-1} [B, H] in inference), what the forward keeps
 // (undefined in inference), and the gradients of γ_hh, γ_c, β_c ([6H], zeros; undefined in the
@@ -300,7 +305,7 @@ template <typename scalar_t>
 LayerNormStep<scalar_t> layer_norm_step(const CellParams& params, const Tensor& scratch, const LayerNormSaved& saved,
                                         const Tensor& grad_weights = Tensor()) {
   const int64_t H = params.hidden_size();
-  const auto data = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
+  const auto data = data_or_null<scalar_t>;
   scalar_t* scratch_data = data(scratch);
   return {H,
           params.layer_norm[1].data_ptr<scalar_t>(),
@@ -382,13 +387,13 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
         std::vector<LayerNormStep<scalar_t>> norms;
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = l * D + d;
+          saved.push_back(need_workspace ? ws.direction(c) : DirectionSaved{});
           if (layer_norm) {
             // The input projection without the biases, which come after its layer norm.
             CellParams unbiased = cells[c];
             unbiased.b_ih = unbiased.b_hh = Tensor();
             weights.push_back(PackedCell<scalar_t>::for_forward(unbiased, N));
-            const LayerNormSaved kept = need_workspace ? ws.direction(c).layer_norm : LayerNormSaved{};
-            norms.push_back(layer_norm_step<scalar_t>(cells[c], norm_scratch[d], kept));
+            norms.push_back(layer_norm_step<scalar_t>(cells[c], norm_scratch[d], saved[d].layer_norm));
           } else {
             weights.push_back(PackedCell<scalar_t>::for_forward(cells[c], N));
           }
@@ -398,7 +403,6 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
           hys.push_back(hy[c]);
           cys.push_back(cy[c]);
           h_pres.push_back(h_pre.defined() ? h_pre[d] : Tensor());
-          saved.push_back(need_workspace ? ws.direction(c) : DirectionSaved{});
           // Recurrent dropout's mask [B, P], drawn as dropout's, per layer-direction as its layer starts.
           Tensor recurrent_mask;
           if (apply_recurrent_dropout) {
@@ -423,13 +427,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
             if constexpr (pointwise::kVectorized<scalar_t>) {
               if (layer_norm) {
                 const CellParams& cell = cells[l * D + d];
-                const LayerNormSaved& kept = saved[d].layer_norm;
-                const auto data = [](const Tensor& t) { return t.defined() ? t.data_ptr<scalar_t>() : nullptr; };
-                normalize_input<scalar_t>(
-                    row_end - row_begin, H, gates[d].data_ptr<scalar_t>(), cell.layer_norm[0].data_ptr<scalar_t>(),
-                    data(cell.b_ih), data(cell.b_hh),
-                    kept.input.defined() ? kept.input.data_ptr<scalar_t>() + row_begin * 4 * H : nullptr,
-                    kept.rstd.defined() ? kept.rstd.data_ptr<scalar_t>() + row_begin * 3 : nullptr);
+                const auto data = data_or_null<scalar_t>;
+                normalize_input<scalar_t>(row_end - row_begin, row_begin, H, gates[d].data_ptr<scalar_t>(),
+                                          cell.layer_norm[0].data_ptr<scalar_t>(), data(cell.b_ih), data(cell.b_hh),
+                                          data(saved[d].layer_norm.input), data(saved[d].layer_norm.rstd));
               }
             }
           }
@@ -508,9 +509,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = l * D + d;
           weights.push_back(PackedCell<scalar_t>::for_backward(cells[c], N));
+          saved.push_back(ws.direction(c));
           if (layer_norm) {
             norm_grads.push_back(at::zeros({6 * H}, hx.options()));
-            norms.push_back(layer_norm_step<scalar_t>(cells[c], Tensor(), ws.direction(c).layer_norm, norm_grads[d]));
+            norms.push_back(layer_norm_step<scalar_t>(cells[c], Tensor(), saved[d].layer_norm, norm_grads[d]));
           }
           dgates.push_back(all_dgates[d]);
           dh_rows.push_back(all_dh_rows.defined() ? all_dh_rows[d] : Tensor());
@@ -518,7 +520,6 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           dhs.push_back(grad_hx[c]);
           dcs.push_back(grad_cx[c]);
           dh_pres.push_back(dh_pre.defined() ? dh_pre[d] : Tensor());
-          saved.push_back(ws.direction(c));
           recurrent_masks.push_back(ws.recurrent_mask(c));
           zoneouts.push_back(ws.zoneout_cell_masks.numel() > 0
                                  ? Zoneout{ws.zoneout_cell_masks[c], ws.zoneout_hidden_masks[c]}
