@@ -2,9 +2,11 @@
 //
 // Autograd: the hand-written backward, lstm_ext::backward, as a C++ autograd Function, so that the
 // operator is differentiable without Python (a libtorch program, a traced or exported graph run
-// from C++). Under create_graph, and for batched gradients, it differentiates the recomputation
-// lstm_ext::forward_differentiable instead. lstm_ext.lstm in Python runs its own autograd.Function
-// (functional.py), the same backward, and calls the operator below this kernel.
+// from C++, and lstm_ext.lstm's eager calls, which come through lstm_ext._C: module.cpp). Under
+// create_graph, and for batched gradients, it differentiates the recomputation
+// lstm_ext::forward_differentiable instead. What torch.compile traces, and calls under autocast or
+// a __torch_function__, run functional.py's autograd.Function instead: the same backward, with
+// the operator called below this kernel.
 //
 // AutocastCPU: native's cast policy for lstm (lower_precision_fp, the one of mkldnn_rnn_layer, the
 // kernel native's LSTM runs on CPU): every floating point tensor but float64 in autocast's dtype,
@@ -17,6 +19,7 @@
 #include <torch/library.h>
 
 #include "layer.h"
+#include "ops.h"
 
 #include <algorithm>
 #include <string>
@@ -24,12 +27,9 @@
 #include <vector>
 
 namespace lstm_ext {
-namespace {
 
 using at::Tensor;
 using at::TensorList;
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
 
 using ForwardSignature = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(
     const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, TensorList, bool, int64_t, double,
@@ -45,6 +45,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> call_forward(
   return op.call(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
                  need_workspace, cell, cell_params, recurrent_dropout, zoneout);
 }
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
 
 using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(
     const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, TensorList, TensorList,

@@ -6,7 +6,8 @@
 
 from ._extension import import_operators, load
 
-import_operators()
+# The compiled module, prebuilt or JIT-built: lstm_ext._C either way.
+_C = import_operators()
 
 from .functional import lstm, lstm_cell  # noqa: E402  (needs the operators registered)
 from .modules import LSTM, LSTMCell  # noqa: E402

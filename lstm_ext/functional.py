@@ -1,7 +1,8 @@
 """The functional API: ``lstm`` (both overloads of ``torch._VF.lstm``) and ``lstm_cell``.
 
 The C++ operators do the work (with their autograd and autocast kernels, csrc/dispatch.cpp); this
-module only adapts arguments, runs a leaner autograd.Function around them, and wires the fake
+module only adapts arguments, sends eager calls to them through ``lstm_ext._C`` (C++ all the way,
+csrc/module.cpp), runs a leaner autograd.Function around the calls it traces, and wires the fake
 (shape-only) implementations through ``torch.library``, so autograd, ``torch.compile`` and
 ``torch.library.opcheck`` see ordinary dispatcher ops.
 """
@@ -13,7 +14,7 @@ import torch
 import torch.autograd.forward_ad as forward_ad
 from torch import Tensor
 
-from . import cells
+from . import _C, cells
 
 _ops = torch.ops.lstm_ext
 
@@ -144,6 +145,8 @@ def lstm_cell(
     params = [w_ih, w_hh, b_ih, b_hh] if has_biases else [w_ih, w_hh]
     params, cell_args = _variant_args(params, train, 1, False, **variant)
     try:
+        if not cell_args and _runs_in_cpp(input, h0, c0, *params):
+            return _C.lstm_cell(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
         _, hy, cy = _forward(input.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), params, has_biases, 1, 0.0,
                              train, False, cell_args)
     except RuntimeError:
@@ -190,19 +193,11 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
     forward operator's trailing arguments (see _backward_tail, _differentiable_tail)."""
     params = list(params)
     cell_params = cell_args[1] if cell_args else []
-    if input.device.type not in ("cpu", "meta"):
-        raise NotImplementedError(f"lstm_ext runs on CPU only, got input on {input.device}; use torch.nn.LSTM there")
-    for tensor in (input, hx, cx, *params, *cell_params):
-        # One meta tensor among CPU ones would send the call to the shape-only implementation.
-        if tensor.device != input.device:
-            raise RuntimeError(
-                "lstm_ext: input, hidden states and parameters must be on one device, "
-                f"got input on {input.device} and a tensor on {tensor.device}"
-            )
-        if tensor.layout != torch.strided:
-            raise RuntimeError(f"lstm_ext: expected dense (strided) tensors, got one with layout {tensor.layout}")
-    if batch_sizes is not None and batch_sizes.device.type != "cpu":
-        raise RuntimeError(f"lstm_ext: batch_sizes must be a CPU tensor, got one on {batch_sizes.device}")
+    if _runs_in_cpp(input, hx, cx, *params, *cell_params):
+        variant = cell_args or ("lstm", [], 0.0, [])
+        return _C.forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
+                          *variant)
+    _check_tensors(input, batch_sizes, hx, cx, *params, *cell_params)
     if torch.is_autocast_enabled("cpu"):
         input, hx, cx, *cast = _autocast(input, hx, cx, *params, *cell_params)
         params, cell_params = cast[: len(params)], cast[len(params) :]
@@ -239,6 +234,39 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         args = (input, batch_sizes, hx, cx, params, *options, False, *cell_args)
         output, hy, cy, _ = _below_autograd(_ops.forward, *args)
     return output, hy, cy
+
+
+def _runs_in_cpp(*tensors) -> bool:
+    """Whether an eager call goes straight to ``lstm_ext._C`` (csrc/module.cpp), which calls the
+    operator through the dispatcher from C++, autograd included: nothing around the call that this
+    module handles itself (a transform, forward-mode AD, autocast's casts, tracing, compiling, a
+    ``__torch_function__``)."""
+    return not (
+        torch.compiler.is_compiling()
+        or torch._C._are_functorch_transforms_active()
+        or forward_ad._current_level >= 0
+        or torch.is_autocast_enabled("cpu")
+        or torch.jit.is_tracing()
+        or torch._C._has_torch_function(tensors)
+    )
+
+
+def _check_tensors(input, batch_sizes, *tensors):
+    """Input, states and parameters dense on one device (csrc/module.cpp's check_tensors, for the
+    calls that do not go there)."""
+    if input.device.type not in ("cpu", "meta"):
+        raise NotImplementedError(f"lstm_ext runs on CPU only, got input on {input.device}; use torch.nn.LSTM there")
+    for tensor in (input, *tensors):
+        # One meta tensor among CPU ones would send the call to the shape-only implementation.
+        if tensor.device != input.device:
+            raise RuntimeError(
+                "lstm_ext: input, hidden states and parameters must be on one device, "
+                f"got input on {input.device} and a tensor on {tensor.device}"
+            )
+        if tensor.layout != torch.strided:
+            raise RuntimeError(f"lstm_ext: expected dense (strided) tensors, got one with layout {tensor.layout}")
+    if batch_sizes is not None and batch_sizes.device.type != "cpu":
+        raise RuntimeError(f"lstm_ext: batch_sizes must be a CPU tensor, got one on {batch_sizes.device}")
 
 
 def _layer_norm_as_aten_ops(cell, dtype):
@@ -327,9 +355,11 @@ def _apply(function, *args):
 class _LSTMFunction(torch.autograd.Function):
     """lstm_ext::forward with its backward twin, lstm_ext::backward.
 
-    What ``lstm_ext.lstm`` runs: a plain autograd.Function costs a fraction of the generic
-    wrapper that ``torch.library.register_autograd`` would put around the operator. Callers of
-    ``torch.ops.lstm_ext.forward`` get the same backward from the operator's C++ autograd.
+    What ``lstm_ext.lstm`` runs where its call does not go to ``lstm_ext._C`` (compiled, under
+    autocast, with a ``__torch_function__``; see _runs_in_cpp): a plain autograd.Function costs a
+    fraction of the generic wrapper that ``torch.library.register_autograd`` would put around the
+    operator. Eager calls, and callers of ``torch.ops.lstm_ext.forward``, get the same backward
+    from the operator's C++ autograd (csrc/dispatch.cpp).
     """
 
     @staticmethod

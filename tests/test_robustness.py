@@ -512,12 +512,19 @@ def test_rss_stays_flat_over_many_calls(kind):
     assert growth < MAX_GROWTH, f"RSS grew by {growth / 2**20:.1f} MiB over {CALLS} calls"
 
 
-def _workspace_refs(output):
-    """Weak references to the storages lstm_ext saved for backward (its last 13 saved tensors)."""
-    workspace = output.grad_fn.saved_tensors[-13:]
-    # gates, ..., then dropout's, recurrent dropout's and zoneout's masks and layer norm's (none here)
-    assert [t.dim() for t in workspace] == [3, 3, 3, 3, 3] + [1] * 8
-    return [StorageWeakRef(t.untyped_storage()) for t in workspace]
+class _RecordWorkspaces(TorchDispatchMode):
+    """Records the workspace every lstm_ext::forward call returned (the mode sees the call below
+    autograd: the one that saves for the backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.workspaces = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        if func is torch.ops.lstm_ext.forward.default:
+            self.workspaces.append(result[3])
+        return result
 
 
 @pytest.mark.parametrize(
@@ -525,8 +532,12 @@ def _workspace_refs(output):
 )
 def test_workspace_is_freed_with_the_graph(backward):
     module = lstm_ext.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2)
-    output, (h_n, c_n) = module(make_input(torch.float32).requires_grad_())
-    refs = _workspace_refs(output)
+    with _RecordWorkspaces() as recorder:
+        output, (h_n, c_n) = module(make_input(torch.float32).requires_grad_())
+    # gates, ..., then dropout's, recurrent dropout's and zoneout's masks and layer norm's (none here)
+    assert [[t.dim() for t in workspace] for workspace in recorder.workspaces] == [[3, 3, 3, 3, 3] + [1] * 8]
+    refs = [StorageWeakRef(t.untyped_storage()) for t in recorder.workspaces[0]]
+    del recorder
     assert not any(ref.expired() for ref in refs)
     if backward is not None:
         retain = backward == "retain_graph"
@@ -535,20 +546,6 @@ def test_workspace_is_freed_with_the_graph(backward):
         assert [ref.expired() for ref in refs] == [not retain] * len(refs)
     del output, h_n, c_n
     assert all(ref.expired() for ref in refs)
-
-
-class _RecordWorkspaces(TorchDispatchMode):
-    """Records, for every lstm_ext::forward call, how many workspace tensors it returned."""
-
-    def __init__(self):
-        super().__init__()
-        self.workspace_sizes = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        result = func(*args, **(kwargs or {}))
-        if func is torch.ops.lstm_ext.forward.default:
-            self.workspace_sizes.append(len(result[3]))
-        return result
 
 
 def _trainable_module():
@@ -575,4 +572,4 @@ def test_workspace_only_when_something_needs_gradients(make_module, input_requir
     input = make_input(torch.float32).requires_grad_(input_requires_grad)
     with _RecordWorkspaces() as recorder, context():
         module(input)
-    assert recorder.workspace_sizes == workspace_sizes
+    assert [len(workspace) for workspace in recorder.workspaces] == workspace_sizes

@@ -14,6 +14,8 @@ import pytest
 import torch
 from conftest import compare
 from torch import nn
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import lstm_ext
 
@@ -228,3 +230,48 @@ def test_calls_from_several_threads(loop):
     for result, want in zip(results, expected):
         for outputs in result:
             compare(outputs, want)
+
+
+class _RecordOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("train", [False, True], ids=["inference", "training"])
+@pytest.mark.parametrize("loop", LOOPS)
+def test_eager_calls_go_through_the_dispatcher(loop, train):
+    """Eager calls reach the operator from C++ (lstm_ext._C), through the dispatcher: a dispatch
+    mode sees the forward, and the backward of the C++ autograd, with native's results."""
+    native, ext = make_pair(loop)
+    xs = torch.randn(STEPS, 2, INPUT_SIZE, dtype=torch.float64)
+    state = initial_state(native, 2, torch.float64)
+    loss_weights = torch.randn(STEPS, 2, native.hidden_size, dtype=torch.float64)
+    recorder = _RecordOps()
+    with recorder:
+        got = decode_with_grads(ext, xs, state, loss_weights) if train else decode(ext, xs, state)
+    compare(got, decode_with_grads(native, xs, state, loss_weights) if train else decode(native, xs, state))
+    assert recorder.ops.count("lstm_ext.forward.default") == STEPS
+    assert recorder.ops.count("lstm_ext.backward.default") == (STEPS if train else 0)
+
+
+def test_torch_function_modes_see_the_call():
+    """A __torch_function__ mode sees the operator's call, as for any torch.ops call: such calls
+    do not take the C++ entry, which Python's torch function handling would not see."""
+    seen = []
+
+    class RecordFunctions(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    native, ext = make_pair("cell")
+    x = torch.randn(2, INPUT_SIZE, dtype=torch.float64)
+    with RecordFunctions(), torch.no_grad():
+        got = ext(x)
+    compare(got, native(x))
+    assert any(name.startswith("lstm_ext.forward") for name in seen)
