@@ -28,6 +28,8 @@ setup(
     extras_require={
         "bench": BENCH_REQUIRES,
         "onnx": ONNX_REQUIRES,
+        # the engines bench_step.py times lstm_ext against for inference
+        "peers": [*BENCH_REQUIRES, *ONNX_REQUIRES, "openvino"],
         # the suite smoke-tests the benchmark and runs the exported models in ONNX Runtime
         "test": ["pytest", "hypothesis", *BENCH_REQUIRES, *ONNX_REQUIRES],
     },

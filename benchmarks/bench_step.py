@@ -1,16 +1,20 @@
 """Benchmark step-by-step decoding: lstm_ext against native, one step per call.
 
-Two loops, each over --steps steps with the state fed back, on the same seeded weights:
+Two loops, each over --steps steps with the state fed back, on the same seeded weights,
+and small whole calls:
 
   cell  h, c = cell(x[t], (h, c))                        lstm_ext.LSTMCell vs nn.LSTMCell
   t1    y, (h, c) = lstm(x[t:t + 1], (h, c))             lstm_ext.LSTM vs nn.LSTM, T=1
+  call  y, (h, c) = lstm(x, (h, c))                      one call on [T, B, I], --calls shapes
 
 "inference" runs the loop under torch.inference_mode; "training" runs it with
 gradients and then takes those of the input and every weight of a weighted sum
 of every step's h and the last c (BPTT through the Python loop). Native's LSTM
-runs as by default (oneDNN for float32). With onnxruntime importable, inference
-t1 rows also time ONNX Runtime on nn.LSTM exported with one step (spinning off,
-the same thread count); without it they say so.
+runs as by default (oneDNN for float32). Inference t1 and call rows also time
+the engines people deploy nn.LSTM to, on nn.LSTM exported to ONNX for one call
+(the `peers` extra installs them; a row without one says so): ONNX Runtime
+(its pool's spinning off) and OpenVINO (float32 precision, latency hint), each
+on the same thread count.
 
 Correctness first: the results must match native to bench_cases.TOLERANCE, or
 the row is FAILED and not timed. Timing as in bench.py: round-robin repeats in
@@ -20,14 +24,15 @@ geometric mean of the ratios.
 
     python benchmarks/bench_step.py                      # the grid: B 1-64, H 64-1024
     python benchmarks/bench_step.py --batches 1 --hidden 256 --loops cell
+    python benchmarks/bench_step.py --loops call --mode inference    # small calls vs the engines
 """
 
 import argparse
-import io
 import math
 import random
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -39,10 +44,13 @@ from torch import nn
 from bench import gc_disabled, positive_int
 from bench_cases import TOLERANCE, compare
 
-LOOPS = ("cell", "t1")
+LOOPS = ("cell", "t1", "call")
 MODES = ("inference", "training")
 MIN_SAMPLE_S = 5e-3
-CONTENDERS = ("lstm_ext", "native", "onnxruntime")
+PEERS = ("onnxruntime", "openvino")
+CONTENDERS = ("lstm_ext", "native", *PEERS)
+# The issue's small calls (T, B, H): a streaming step, and two short sequences.
+CALL_SHAPES = ((1, 1, 256), (20, 4, 64), (50, 16, 128))
 
 
 @dataclass(frozen=True)
@@ -51,9 +59,10 @@ class StepShape:
     B: int
     H: int
     dtype: str = "float32"
+    T: int = 0  # a call's steps (call loop)
 
     def describe(self) -> str:
-        return f"{self.loop} B{self.B} I{self.H} H{self.H}"
+        return f"{self.loop}{f' T{self.T}' if self.T else ''} B{self.B} I{self.H} H{self.H}"
 
 
 @dataclass
@@ -69,6 +78,7 @@ class StepProblem:
 def make_problem(shape: StepShape, steps: int, seed: int = 0) -> StepProblem:
     import lstm_ext
 
+    steps = shape.T or steps
     torch.manual_seed(seed)
     dtype = getattr(torch, shape.dtype)
     native_class, ext_class = (nn.LSTMCell, lstm_ext.LSTMCell) if shape.loop == "cell" else (nn.LSTM, lstm_ext.LSTM)
@@ -90,6 +100,9 @@ def decode(module, problem: StepProblem) -> tuple:
             hs.append(h)
         return torch.stack(hs), c
     h, c = h.unsqueeze(0), c.unsqueeze(0)
+    if problem.shape.loop == "call":
+        y, (h, c) = module(problem.x, (h, c))
+        return y, c[0]
     for t in range(problem.x.size(0)):
         y, (h, c) = module(problem.x[t:t + 1], (h, c))
         hs.append(y[0])
@@ -108,30 +121,62 @@ def run(module, problem: StepProblem, train: bool) -> list:
     return [hs.detach(), c.detach(), *grads]
 
 
-def onnx_runner(problem: StepProblem, threads: int):
-    """ONNX Runtime on nn.LSTM exported for one step, as a module-like callable; None when absent."""
-    try:
-        import onnxruntime
-    except ImportError:
-        return None
-    shape, native = problem.shape, problem.modules["native"]
-    x1, h1 = problem.x[:1], problem.h0.unsqueeze(0)
-    model = io.BytesIO()
+def exported_lstm(problem: StepProblem, directory: str) -> str:
+    """nn.LSTM exported to ONNX for one call of the loop (one step, or the whole call), as a file."""
+    native, T = problem.modules["native"], problem.shape.T or 1
+    x, h = problem.x[:T], problem.h0.unsqueeze(0)
+    path = f"{directory}/lstm.onnx"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(native, (x1, (h1, h1)), model, input_names=["x", "h", "c"],
-                          output_names=["y", "h_n", "c_n"], dynamo=False)
+        torch.onnx.export(native, (x, (h, h)), path, input_names=["x", "h", "c"], output_names=["y", "h_n", "c_n"],
+                          dynamo=False)
+    return path
+
+
+def onnxruntime_runner(path: str, threads: int):
+    import onnxruntime
+
     options = onnxruntime.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    session = onnxruntime.InferenceSession(model.getvalue(), options, providers=["CPUExecutionProvider"])
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
-    def step(x, state):
+    def call(x, state):
         y, h, c = session.run(None, {"x": x.numpy(), "h": state[0].numpy(), "c": state[1].numpy()})
         return torch.from_numpy(y), (torch.from_numpy(h), torch.from_numpy(c))
 
-    return step
+    return call
+
+
+def openvino_runner(path: str, threads: int):
+    import openvino
+
+    # float32 throughout: on a CPU with bfloat16 instructions OpenVINO would otherwise compute in bfloat16.
+    config = {"INFERENCE_NUM_THREADS": threads, "INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY",
+              "NUM_STREAMS": 1}
+    compiled = openvino.Core().compile_model(path, "CPU", config)
+    request = compiled.create_infer_request()
+
+    def call(x, state):
+        result = request.infer({"x": x.numpy(), "h": state[0].numpy(), "c": state[1].numpy()})
+        y, h, c = (torch.from_numpy(result[compiled.output(name)]) for name in ("y", "h_n", "c_n"))
+        return y, (h, c)
+
+    return call
+
+
+def peer_runners(problem: StepProblem, threads: int) -> tuple[dict, list]:
+    """The deployment engines as module-like callables on nn.LSTM's export, and a note for each one absent."""
+    runners, notes = {}, []
+    with tempfile.TemporaryDirectory() as directory:
+        path = exported_lstm(problem, directory)
+        for name, make in (("onnxruntime", onnxruntime_runner), ("openvino", openvino_runner)):
+            try:
+                runners[name] = make(path, threads)
+            except ImportError:
+                notes.append(f"{name} not importable (pip install -e '.[peers]'): no {name} column")
+    return runners, notes
 
 
 def time_sample(module, problem: StepProblem, train: bool, calls: int) -> float:
@@ -145,15 +190,12 @@ def measure_row(shape: StepShape, mode: str, steps: int, repeats: int, threads: 
     train = mode == "training"
     problem = make_problem(shape, steps)
     contenders = dict(problem.modules)
-    note = None
-    if not train and shape.loop == "t1":
-        runner = onnx_runner(problem, threads)
-        if runner is None:
-            note = "onnxruntime not importable: no ONNX Runtime column"
-        else:
-            contenders["onnxruntime"] = runner
+    notes = []
+    if not train and shape.loop in ("t1", "call"):
+        runners, notes = peer_runners(problem, threads)
+        contenders.update(runners)
     row = {"loop": shape.loop, "B": shape.B, "H": shape.H, "dtype": shape.dtype, "mode": mode, "steps": steps,
-           "dims": shape.describe(), "status": "ok", "error": None, "note": note, "ms_per_step": {}, "ratios": {}}
+           "dims": shape.describe(), "status": "ok", "error": None, "notes": notes, "ms_per_step": {}, "ratios": {}}
     with gc_disabled():
         expected = run(contenders["native"], problem, train)
         for name, module in contenders.items():
@@ -167,7 +209,7 @@ def measure_row(shape: StepShape, mode: str, steps: int, repeats: int, threads: 
             for name in order.sample(list(contenders), len(contenders)):
                 samples[name].append(time_sample(contenders[name], problem, train, calls[name]))
     ext = samples["lstm_ext"]
-    row["ms_per_step"] = {n: 1e3 * statistics.median(s) / steps for n, s in samples.items()}
+    row["ms_per_step"] = {n: 1e3 * statistics.median(s) / (shape.T or steps) for n, s in samples.items()}
     row["ratios"] = {n: statistics.median(a / b for a, b in zip(s, ext)) for n, s in samples.items() if n != "lstm_ext"}
     return row
 
@@ -191,12 +233,14 @@ def report(rows: list) -> str:
     for loop, mode in product(sorted({r["loop"] for r in rows}), MODES):
         ok = [r for r in rows if r["loop"] == loop and r["mode"] == mode and r["status"] == "ok"]
         if ok:
-            native = [r["ratios"]["native"] for r in ok]
-            lines.append(f"geomean native/ext {loop} {mode}: {geomean(native):.2f} over {len(ok)} rows"
-                         f" (min {min(native):.2f})")
+            for name in ("native", *PEERS):
+                ratios = [r["ratios"][name] for r in ok if name in r["ratios"]]
+                if ratios:
+                    lines.append(f"geomean {name}/ext {loop} {mode}: {geomean(ratios):.2f} over {len(ratios)} rows"
+                                 f" (min {min(ratios):.2f})")
     ok = [r["ratios"]["native"] for r in rows if r["status"] == "ok"]
     lines.append(f"geomean native/ext, all rows: {geomean(ok):.2f} (min {min(ok, default=math.nan):.2f})")
-    lines += sorted({f"note: {r['note']}" for r in rows if r["note"]})
+    lines += sorted({f"note: {note}" for r in rows for note in r["notes"]})
     lines += [f"FAILED {r['dims']} {r['mode']}: {r['error']}" for r in rows if r["status"] != "ok"]
     return "\n".join(lines)
 
@@ -205,12 +249,18 @@ def csv_ints(text: str) -> list:
     return [positive_int(v) for v in text.split(",")]
 
 
+def call_shapes(text: str) -> list:
+    return [tuple(positive_int(v) for v in shape.split("x")) for shape in text.split(",")]
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--loops", default=",".join(LOOPS), help="cell, t1 or both (default: %(default)s)")
+    parser.add_argument("--loops", default=",".join(LOOPS), help="any of cell, t1, call (default: %(default)s)")
     parser.add_argument("--mode", choices=(*MODES, "all"), default="all")
     parser.add_argument("--batches", type=csv_ints, default=[1, 8, 32, 64], metavar="B[,B]")
     parser.add_argument("--hidden", type=csv_ints, default=[64, 256, 512, 1024], metavar="H[,H]")
+    parser.add_argument("--calls", type=call_shapes, default=CALL_SHAPES, metavar="TxBxH[,TxBxH]",
+                        help="the call loop's shapes (default: 1x1x256,20x4x64,50x16x128)")
     parser.add_argument("--dtype", choices=tuple(TOLERANCE), default="float32")
     parser.add_argument("--steps", type=positive_int, default=32, help="steps fed back per loop")
     parser.add_argument("--repeats", type=positive_int, default=5)
@@ -220,8 +270,14 @@ def main(argv=None) -> int:
     modes = MODES if args.mode == "all" else (args.mode,)
     print(f"torch {torch.__version__} | threads {args.threads} | steps {args.steps} | repeats {args.repeats}")
     rows = []
-    for loop, mode, H, B in product(args.loops.split(","), modes, args.hidden, args.batches):
-        rows.append(measure_row(StepShape(loop, B, H, args.dtype), mode, args.steps, args.repeats, args.threads))
+    shapes = []
+    for loop in args.loops.split(","):
+        if loop == "call":
+            shapes += [StepShape(loop, B, H, args.dtype, T) for T, B, H in args.calls]
+        else:
+            shapes += [StepShape(loop, B, H, args.dtype) for H, B in product(args.hidden, args.batches)]
+    for mode, shape in product(modes, shapes):
+        rows.append(measure_row(shape, mode, args.steps, args.repeats, args.threads))
         r = rows[-1]
         print(f"{r['dims']} {mode}: " + ", ".join(f"{n}/ext {v:.2f}" for n, v in r["ratios"].items())
               + ("" if r["status"] == "ok" else f" {r['status']} {r['error']}"), flush=True)

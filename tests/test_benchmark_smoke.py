@@ -1,5 +1,5 @@
 """Smoke tests: benchmarks/bench.py and bench_autodiff.py run their --tiny grids and write
-their reports.
+their reports; bench_cells.py and bench_step.py run tiny grids.
 
 No speed assertions; the tiny grids also check lstm_ext against native
 torch._VF.lstm, so a correctness regression fails these tests too.
@@ -7,6 +7,7 @@ torch._VF.lstm, so a correctness regression fails these tests too.
 
 import json
 import sys
+from itertools import product
 from pathlib import Path
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -15,6 +16,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import bench  # noqa: E402  (needs the path above)
 import bench_autodiff  # noqa: E402
 import bench_cells  # noqa: E402
+import bench_step  # noqa: E402
 
 ROW_FIELDS = {"name", "dims", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional",
               "packed", "tokens", "gflop", "status", "error", "max_rel_error", "time_ms",
@@ -71,3 +73,17 @@ def test_cell_variant_benchmark_times_the_compiled_loop():
     rows = bench_cells.main(["--variants", "layer_norm", "--shapes", "2,2,4", "--repeats", "1", "--compiled"])
     assert [r["train"] for r in rows] == [False, True]
     assert all(set(r["ms"]) == {"lstm_ext", "plain", "loop", "compiled loop"} for r in rows)
+
+
+def test_step_benchmark_runs_every_loop_against_the_engines(capsys):
+    status = bench_step.main(["--batches", "2", "--hidden", "8", "--calls", "3x2x8", "--steps", "2", "--repeats", "1",
+                              "--threads", "1"])
+    out = capsys.readouterr().out
+    assert status == 0 and "FAILED" not in out, out
+    for loop, mode in product(("cell", "t1", "call"), ("inference", "training")):
+        assert f"geomean native/ext {loop} {mode}: " in out
+    # The engines time inference t1 and call rows: ONNX Runtime comes with the test extra.
+    for loop in ("t1", "call"):
+        assert f"geomean onnxruntime/ext {loop} inference: " in out
+        openvino = f"geomean openvino/ext {loop} inference: " in out
+        assert openvino != ("note: openvino not importable" in out)
