@@ -74,6 +74,10 @@ def train_rank(rank, store_port, result_dir, variant):
         shard = slice(rank * BATCH_PER_RANK, (rank + 1) * BATCH_PER_RANK)
         parameters = train(DistributedDataParallel(ext), [(x[shard], y[shard]) for x, y in batches()])
         torch.save(parameters, result_dir / f"rank{rank}.pt")
+        # Both ranks done before either tears gloo down: a rank destroying its group while the
+        # other's transfers are in flight can abort the other ("terminate called without an
+        # active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
