@@ -3,8 +3,8 @@
 // Every product in the loops multiplies by a weight that stays fixed for a whole call, so the
 // weight is packed once per call into column panels and then reused for every step (and for all
 // rows of the input projection). For float and double the products run our own register-blocked
-// at::vec kernel over those panels: it skips the per-call packing a BLAS does and, on this
-// project's AVX2 machines, beats MKL's sgemm on the small-M recurrent shapes. The reduced
+// at::vec kernel over those panels (AVX-512 or AVX2, as built): it skips the per-call packing a
+// BLAS does and beats MKL's sgemm on the small-M recurrent shapes. The reduced
 // floating types go through ATen ops on a view of the unpacked weight instead.
 #pragma once
 
@@ -60,7 +60,7 @@ using Vec = at::vec::Vectorized<T>;
 template <typename T>
 constexpr int64_t kPanelWidth = 2 * Vec<T>::size();
 // Rows per register tile: 6 rows × 2 vectors = 12 accumulators, plus 2 for the panel row and
-// 1 for the broadcast of A, out of AVX2's 16 registers.
+// 1 for the broadcast of A, out of AVX2's 16 registers (AVX-512 has 32, and twice the width).
 constexpr int64_t kTileRows = 6;
 // Depth of the panel slice kept in L1 while the tiles of a row block stream past it.
 constexpr int64_t kDepthBlock = 256;
@@ -177,7 +177,13 @@ inline void tiles(int64_t rows, int64_t cols, Left<T> a, Right<T> b, int64_t dep
 template <typename T>
 inline void add_lane_sums(const Vec<T>* acc, T* out, int64_t count) {
   T sums[4];
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<T, float>) {
+    for (int j = 0; j < 4; ++j) sums[j] = _mm512_reduce_add_ps(acc[j]);
+  } else {
+    for (int j = 0; j < 4; ++j) sums[j] = _mm512_reduce_add_pd(acc[j]);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
     const __m256 pairs = _mm256_hadd_ps(_mm256_hadd_ps(acc[0], acc[1]), _mm256_hadd_ps(acc[2], acc[3]));
     const __m128 quad = _mm_add_ps(_mm256_castps256_ps128(pairs), _mm256_extractf128_ps(pairs, 1));

@@ -132,7 +132,8 @@ template <typename scalar_t>
 constexpr bool kVectorized = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
 #if defined(CPU_CAPABILITY_AVX2)
-// exp and expm1 for float64 activations, inline: Sleef's 1-ulp exp is an out-of-line call that
+// exp and expm1 for float64 activations, inline (AVX2 builds; AVX-512 builds call Sleef's
+// eight-lane ones): Sleef's 1-ulp exp is an out-of-line call that
 // spills every live register around it, and its expm1 costs several exps. Same method:
 // n = round(x/ln2), r = x - n·ln2 in two parts, expm1(r) by its Taylor polynomial of degree 13
 // (truncation 5e-18 on |r| <= ln2/2) evaluated by Estrin's scheme, so that the five

@@ -10,18 +10,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CSRC = REPO_ROOT / "csrc"
 # OpenMP: the recurrent loop's threads are torch's OpenMP team (libgomp is already loaded by torch).
 EXTRA_LDFLAGS = ["-fopenmp"]
-# at::vec compiles to AVX2 (and Sleef's exp/tanh inside libtorch) only when told the CPU has it.
-AVX2_CFLAGS = ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"]
+# at::vec compiles to AVX-512 or AVX2 (and Sleef's exp/tanh inside libtorch) only when told the CPU
+# has it: the flags of ATen's own kernels of each capability.
+CPU_CAPABILITY_CFLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512",
+               "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
 
 
 def extra_cflags() -> list[str]:
-    """Compiler flags for every build path; AVX2 code only where this machine's CPU runs it."""
+    """Compiler flags for every build path: code for the vector instructions of the building
+    machine's CPU, as torch reports them (torch.backends.cpu.get_cpu_capability()). To build for
+    an older CPU than this one, set ATEN_CPU_CAPABILITY (avx2, default) for the build."""
     import torch
 
-    flags = ["-O3", "-fopenmp"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += AVX2_CFLAGS
-    return flags
+    return ["-O3", "-fopenmp", *CPU_CAPABILITY_CFLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
 
 
 def sources(root: Path = REPO_ROOT) -> list[str]:
