@@ -116,19 +116,19 @@ variable_list recomputed_backward(const variable_list& leaves, int64_t num_param
   return result;
 }
 
-// forward's outputs are (output, hy, cy, workspace...); the workspace is what the backward reads.
+// forward's outputs are (output, hy, cy), then the workspace when the caller asked for it; the backward
+// reads the workspace it saved.
 class LSTMFunction : public torch::autograd::Function<LSTMFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& batch_sizes,
                                const Tensor& hx, const Tensor& cx, TensorList params, bool has_biases,
                                int64_t num_layers, double dropout, bool train, bool bidirectional,
                                c10::string_view cell, TensorList cell_params, double recurrent_dropout,
-                               at::ArrayRef<double> zoneout) {
+                               at::ArrayRef<double> zoneout, bool return_workspace) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, hy, cy, workspace] =
         call_forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
                      /*need_workspace=*/true, cell, cell_params, recurrent_dropout, zoneout);
-    ctx->mark_non_differentiable(workspace);
     // Outputs without a gradient (the workspace, often h_n and c_n) reach the backward undefined,
     // which it reads as zeros, instead of as zero tensors autograd would fill.
     ctx->set_materialize_grads(false);
@@ -147,7 +147,12 @@ class LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     saved.insert(saved.end(), workspace.begin(), workspace.end());
     ctx->save_for_backward(saved);
     variable_list outputs{output, hy, cy};
-    outputs.insert(outputs.end(), workspace.begin(), workspace.end());
+    // The workspace as outputs only for a caller that asked for it: each output costs autograd's
+    // bookkeeping, a tenth of a decoding step's call.
+    if (return_workspace) {
+      ctx->mark_non_differentiable(workspace);
+      outputs.insert(outputs.end(), workspace.begin(), workspace.end());
+    }
     return outputs;
   }
 
@@ -185,14 +190,14 @@ class LSTMFunction : public torch::autograd::Function<LSTMFunction> {
       result.insert(result.end(), grad_params.begin(), grad_params.end());
     }
     // One gradient per forward argument (each tensor of a list its own): none for batch_sizes,
-    // the five options, the cell's name, recurrent_dropout and zoneout.
+    // the five options, the cell's name, recurrent_dropout, zoneout and return_workspace.
     const auto cell_grads = result.end() - num_cell_params;
     variable_list per_argument(result.begin(), result.begin() + 1);
     per_argument.push_back(Tensor());
     per_argument.insert(per_argument.end(), result.begin() + 1, cell_grads);
     per_argument.resize(per_argument.size() + 6);
     per_argument.insert(per_argument.end(), cell_grads, result.end());
-    per_argument.resize(per_argument.size() + 2);
+    per_argument.resize(per_argument.size() + 3);
     return per_argument;
   }
 };
@@ -227,11 +232,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> autograd_forward(
                 bidirectional, std::nullopt, cell, cell_params, recurrent_dropout, std::nullopt, zoneout, std::nullopt);
     return {output, hy, cy, {}};
   }
-  variable_list outputs = LSTMFunction::apply(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout,
-                                              train, bidirectional, cell, cell_weights, recurrent_dropout, zoneout);
-  std::vector<Tensor> workspace = need_workspace ? std::vector<Tensor>(outputs.begin() + 3, outputs.end())
-                                                 : std::vector<Tensor>{};
-  return {outputs[0], outputs[1], outputs[2], std::move(workspace)};
+  variable_list outputs =
+      LSTMFunction::apply(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
+                          cell, cell_weights, recurrent_dropout, zoneout, /*return_workspace=*/need_workspace);
+  return {outputs[0], outputs[1], outputs[2], std::vector<Tensor>(outputs.begin() + 3, outputs.end())};
 }
 
 }  // namespace
