@@ -143,7 +143,7 @@ def lstm_cell(
     if has_biases != (b_hh is not None):
         raise RuntimeError("lstm_ext.lstm_cell: b_ih and b_hh must both be given or both be None")
     params = [w_ih, w_hh, b_ih, b_hh] if has_biases else [w_ih, w_hh]
-    params, cell_args = _variant_args(params, train, 1, False, **variant)
+    params, cell_args = _variant_args(params, train, 1, False, **variant) if variant else (params, ())
     try:
         if not cell_args and _runs_in_cpp(input, h0, c0, *params):
             return _C.lstm_cell(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
