@@ -551,8 +551,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
               const LayerNormSaved& kept = saved[d].layer_norm;
               dinput = at::empty_like(dgates[d]);
               normalize_input_backward<scalar_t>(N, H, dgates[d].data_ptr<scalar_t>(),
-                                                 cell.layer_norm[0].data_ptr<scalar_t>(), kept.input.data_ptr<scalar_t>(),
-                                                 kept.rstd.data_ptr<scalar_t>(), dinput.data_ptr<scalar_t>());
+                                                 cell.layer_norm[0].data_ptr<scalar_t>(),
+                                                 kept.input.data_ptr<scalar_t>(), kept.rstd.data_ptr<scalar_t>(),
+                                                 dinput.data_ptr<scalar_t>());
               grad_cell_params[0] = (dgates[d] * kept.input).sum(0);
             }
             for (int64_t k = 1; k < kLayerNormWeights; ++k) {

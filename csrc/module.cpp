@@ -43,7 +43,8 @@ std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& input, const std::optio
                                            const std::vector<Tensor>& cell_params, double recurrent_dropout,
                                            const std::vector<double>& zoneout) {
   check_tensors(input, {at::TensorList(input), hx, cx, params, cell_params});
-  TORCH_CHECK(!batch_sizes.has_value() || batch_sizes->is_cpu(), "lstm_ext: batch_sizes must be a CPU tensor, got one on ",
+  TORCH_CHECK(!batch_sizes.has_value() || batch_sizes->is_cpu(),
+              "lstm_ext: batch_sizes must be a CPU tensor, got one on ",
               batch_sizes.has_value() ? batch_sizes->device() : at::Device(at::kCPU));
   // A gradient needs no workspace returned: the Autograd kernel keeps it for the backward.
   auto [output, hy, cy, workspace] =

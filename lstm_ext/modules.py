@@ -25,11 +25,11 @@ from . import cells, functional
 _VF = types.SimpleNamespace(lstm=functional.lstm, lstm_cell=functional.lstm_cell)
 
 
-def _with_lstm_ext_ops(native_forward, ops=_VF):
-    """``native_forward``'s code, calling ``ops`` (lstm_ext's) where it called ``torch._VF``."""
+def _with_lstm_ext_ops(native_forward):
+    """``native_forward``'s code, calling lstm_ext's ops where it called ``torch._VF``."""
     forward = types.FunctionType(
         native_forward.__code__,
-        {**vars(_native_rnn), "_VF": ops},
+        {**vars(_native_rnn), "_VF": _VF},
         native_forward.__name__,
         native_forward.__defaults__,
         native_forward.__closure__,
@@ -37,6 +37,8 @@ def _with_lstm_ext_ops(native_forward, ops=_VF):
     forward.__doc__ = native_forward.__doc__
     forward.__qualname__ = native_forward.__qualname__
     return forward
+
+
 def _variant_options(
     module, peephole=False, cell="lstm", layer_norm=False, recurrent_dropout=0.0, weight_drop=0.0, zoneout=0.0
 ):
