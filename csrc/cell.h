@@ -49,14 +49,15 @@ struct PackedCell {
   static constexpr int64_t kMaxUnpackedRows = 64;
   // The forward reads unpacked weights by dot products along their rows, each finished by a lane
   // sum: over at most kShortDepth values the sums cost about what the multiply-adds do, so a call
-  // over more than half kMaxUnpackedRows rows packs such weights (an LSTMCell step at B64 H64:
-  // native/ext 0.90 unpacked, 1.95 packed).
+  // over more than kShortDepthUnpackedRows rows packs such weights (an LSTMCell step at H64, one
+  // thread: B64 native/ext 0.90 unpacked, 1.95 packed; B32 54 -> 30 us; B16 24 us either way).
   static constexpr int64_t kShortDepth = 128;
+  static constexpr int64_t kShortDepthUnpackedRows = 16;
 
   static PackedCell for_forward(const CellParams& p, int64_t rows) {
     const int64_t H = p.hidden_size(), P = p.output_size();
     const bool short_depth = std::max(p.w_ih.size(1), H) <= kShortDepth;
-    const bool pack = rows > kMaxUnpackedRows || (short_depth && rows > kMaxUnpackedRows / 2);
+    const bool pack = rows > kMaxUnpackedRows || (short_depth && rows > kShortDepthUnpackedRows);
     PackedCell cell{Weight::rows_of(p.w_ih, 4 * H, pack), Weight::rows_of(p.w_hh, H, pack),
                     p.has_projection() ? std::optional<Weight>(Weight::rows_of(p.w_hr, P, pack)) : std::nullopt};
     if (p.b_ih.defined() && pack) {

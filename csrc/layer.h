@@ -366,12 +366,13 @@ struct FullLayer {
   }
 
   // One team member's part of the forward over the steps walked k_begin .. k_end - 1 (a later
-  // call goes on from the state this one leaves). gates holds the input projection of their rows,
-  // rows_walked(k_begin, k_end), and is left holding the activations. hx [B, P] is the initial
-  // hidden state; h [B, P] receives the last step's; c [B, H] holds the cell state on entry and
-  // on exit. output [N, P] (row-strided: this direction's columns of the layer output) receives
-  // h_t. h_pre [B, H] is scratch for the hidden state before the projection. recurrent_mask
-  // [B, P] (recurrent dropout's scaled keep-mask, or undefined) multiplies h_{t-1} in the
+  // call goes on from the state this one leaves), on raw memory: the caller makes no tensor view
+  // per call. gates holds the input projection of their rows, rows_walked(k_begin, k_end), and is
+  // left holding the activations. hx [B, P] is the initial hidden state; h [B, P] receives the
+  // last step's; c [B, H] holds the cell state on entry and on exit. output [N, P] (row-strided:
+  // this direction's columns of the layer output) receives h_t. h_pre [B, H] is scratch for the
+  // hidden state before the projection (null without one). recurrent_mask [B, P] (recurrent
+  // dropout's scaled keep-mask, or null) multiplies h_{t-1} in the
   // recurrent product only; the saved h_{t-1} is the masked one, which dW_hh needs. zoneout
   // (undefined tensors without): the share k of the previous state in the new one, per row
   // [N, H] for c and [N, P] for h (zoneout's masks in training, the constants expanded in eval).
@@ -379,23 +380,17 @@ struct FullLayer {
   // normalised, with the biases).
   template <typename Cell, typename scalar_t>
   void forward(const CellParams& params, const PackedCell<scalar_t>& weights, int64_t k_begin, int64_t k_end,
-               const Tensor& gates, const Tensor& hx, const Tensor& h, const Tensor& c, const Tensor& output,
-               const DirectionSaved* saved, const Tensor& h_pre, const Tensor& recurrent_mask, const Zoneout& zoneout,
+               scalar_t* gate_data, const scalar_t* hx_data, scalar_t* h_data, scalar_t* c_data, Matrix<scalar_t> output,
+               const DirectionSaved* saved, scalar_t* h_pre_data, const scalar_t* mask, const Zoneout& zoneout,
                const LayerNormStep<scalar_t>* layer_norm, TeamMember team) const {
-    const int64_t H = params.hidden_size(), P = params.output_size(), ld = output.stride(0);
+    const int64_t H = params.hidden_size(), P = params.output_size(), ld = output.ld;
     const auto [unit_begin, unit_end] = team.share(H, kShareAlign<scalar_t>);
     const UnitSlice units{unit_begin, unit_end};
     const auto [col_begin, col_end] = team.share(P, kShareAlign<scalar_t>);
     const bool projected = params.has_projection();
-    const scalar_t* hx_data = hx.data_ptr<scalar_t>();
-    scalar_t* gate_data = gates.data_ptr<scalar_t>();
     const int64_t gates_row0 = rows_walked(k_begin, k_end).first;
-    scalar_t* h_data = h.data_ptr<scalar_t>();
-    scalar_t* c_data = c.data_ptr<scalar_t>();
-    scalar_t* out = output.data_ptr<scalar_t>();
-    scalar_t* h_pre_data = projected ? h_pre.data_ptr<scalar_t>() : nullptr;
+    scalar_t* out = output.data;
     const auto unit_weights = CellPointwise<Cell>::template weight_data<scalar_t>(params);
-    const scalar_t* mask = recurrent_mask.defined() ? recurrent_mask.data_ptr<scalar_t>() : nullptr;
     // The masked h_{t-1}, all its columns: every member's gates need all of them.
     std::vector<scalar_t> masked_hidden(mask ? steps.max_batch() * P : 0);
     const Matrix<const scalar_t> cell_keep = zoneout.cell<scalar_t>(), hidden_keep = zoneout.hidden<scalar_t>();

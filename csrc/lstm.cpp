@@ -379,8 +379,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
       for (int64_t l = 0; l < num_layers; ++l) {
         const bool last = l == num_layers - 1;
         layer_output = need_workspace && !last ? ws.layer_inputs[l] : at::empty({N, D * P}, opts);
-        // Tensor views are made here: the threads below touch raw memory only.
-        std::vector<Tensor> gates, outputs, h0s, hys, cys, h_pres, recurrent_masks;
+        // The threads below touch raw memory only, at these offsets: no tensor view per call.
+        scalar_t* output_data = layer_output.data_ptr<scalar_t>();
+        std::vector<Tensor> gates, recurrent_masks;
         std::vector<Zoneout> zoneouts;
         std::vector<DirectionSaved> saved;
         std::vector<PackedCell<scalar_t>> weights;
@@ -398,11 +399,6 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
             weights.push_back(PackedCell<scalar_t>::for_forward(cells[c], N));
           }
           gates.push_back(need_workspace ? ws.gates[c] : scratch_gates[d]);
-          outputs.push_back(layer_output.narrow(1, d * P, P));
-          h0s.push_back(h0[c]);
-          hys.push_back(hy[c]);
-          cys.push_back(cy[c]);
-          h_pres.push_back(h_pre.defined() ? h_pre[d] : Tensor());
           // Recurrent dropout's mask [B, P], drawn as dropout's, per layer-direction as its layer starts.
           Tensor recurrent_mask;
           if (apply_recurrent_dropout) {
@@ -435,10 +431,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
             }
           }
           for_each_direction(D, threads, [&](int d, TeamMember member) {
-            FullLayer{steps, d == 1}.forward<Cell, scalar_t>(cells[l * D + d], weights[d], k0, k1, gates[d], h0s[d],
-                                                       hys[d], cys[d], outputs[d], need_workspace ? &saved[d] : nullptr,
-                                                       h_pres[d], recurrent_masks[d], zoneouts[d],
-                                                       layer_norm ? &norms[d] : nullptr, member);
+            const int64_t c = l * D + d;
+            FullLayer{steps, d == 1}.forward<Cell, scalar_t>(
+                cells[c], weights[d], k0, k1, gates[d].data_ptr<scalar_t>(), h0.data_ptr<scalar_t>() + c * B * P,
+                hy.data_ptr<scalar_t>() + c * B * P, cy.data_ptr<scalar_t>() + c * B * H,
+                {output_data + d * P, N, P, D * P}, need_workspace ? &saved[d] : nullptr,
+                h_pre.defined() ? h_pre.data_ptr<scalar_t>() + d * B * H : nullptr,
+                data_or_null<scalar_t>(recurrent_masks[d]), zoneouts[d],
+                layer_norm ? &norms[d] : nullptr, member);
           });
         }
         if (apply_dropout && !last) {
