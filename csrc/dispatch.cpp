@@ -116,19 +116,38 @@ variable_list recomputed_backward(const variable_list& leaves, int64_t num_param
   return result;
 }
 
+// A step's [B, *] tensor as the operator's one-step [1, B, *] (undefined stays undefined).
+Tensor as_sequence(const Tensor& t, bool step) { return step && t.defined() ? t.unsqueeze(0) : t; }
+
+// A one-step [1, B, *] state as [B, *]. Not a view: a step's new state is a tensor of its own
+// to autograd (an output of a custom Function may not be a view), as native lstm_cell's is.
+Tensor step_state(const Tensor& state) { return at::_unsafe_view(state, state.sizes().slice(1)); }
+
+bool needs_gradient(const Tensor& input, const Tensor& hx, const Tensor& cx, TensorList params,
+                    TensorList cell_params) {
+  const auto requires_grad = [](const Tensor& t) { return t.requires_grad(); };
+  return torch::autograd::GradMode::is_enabled() &&
+         (input.requires_grad() || hx.requires_grad() || cx.requires_grad() ||
+          std::any_of(params.begin(), params.end(), requires_grad) ||
+          std::any_of(cell_params.begin(), cell_params.end(), requires_grad));
+}
+
 // forward's outputs are (output, hy, cy), then the workspace when the caller asked for it; the backward
-// reads the workspace it saved.
+// reads the workspace it saved. A `step` (call_step) takes input, hx and cx as [B, *] and returns
+// (hy, cy) as [B, *]: the operator's [1, B, *] views are made inside, where autograd does not see
+// them, so that a decoding step is one autograd node rather than six (the views' own around it).
 class LSTMFunction : public torch::autograd::Function<LSTMFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& batch_sizes,
                                const Tensor& hx, const Tensor& cx, TensorList params, bool has_biases,
                                int64_t num_layers, double dropout, bool train, bool bidirectional,
                                c10::string_view cell, TensorList cell_params, double recurrent_dropout,
-                               at::ArrayRef<double> zoneout, bool return_workspace) {
+                               at::ArrayRef<double> zoneout, bool return_workspace, bool step) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     auto [output, hy, cy, workspace] =
-        call_forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
-                     /*need_workspace=*/true, cell, cell_params, recurrent_dropout, zoneout);
+        call_forward(as_sequence(input, step), batch_sizes, as_sequence(hx, step), as_sequence(cx, step), params,
+                     has_biases, num_layers, dropout, train, bidirectional, /*need_workspace=*/true, cell,
+                     cell_params, recurrent_dropout, zoneout);
     // Outputs without a gradient (the workspace, often h_n and c_n) reach the backward undefined,
     // which it reads as zeros, instead of as zero tensors autograd would fill.
     ctx->set_materialize_grads(false);
@@ -140,12 +159,14 @@ class LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     ctx->saved_data["cell"] = std::string(cell);
     ctx->saved_data["recurrent_dropout"] = recurrent_dropout;
     ctx->saved_data["zoneout"] = zoneout.vec();
+    ctx->saved_data["step"] = step;
     variable_list saved{input, hx, cx};
     saved.insert(saved.end(), params.begin(), params.end());
     saved.insert(saved.end(), cell_params.begin(), cell_params.end());
     ctx->saved_data["num_cell_params"] = static_cast<int64_t>(cell_params.size());
     saved.insert(saved.end(), workspace.begin(), workspace.end());
     ctx->save_for_backward(saved);
+    if (step) return {step_state(hy), step_state(cy)};
     variable_list outputs{output, hy, cy};
     // The workspace as outputs only for a caller that asked for it: each output costs autograd's
     // bookkeeping, a tenth of a decoding step's call.
@@ -159,7 +180,19 @@ class LSTMFunction : public torch::autograd::Function<LSTMFunction> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op =
         c10::Dispatcher::singleton().findSchemaOrThrow("lstm_ext::backward", "").typed<BackwardSignature>();
-    const variable_list saved = ctx->get_saved_variables();
+    variable_list saved = ctx->get_saved_variables();
+    // create_graph (double backward) or batched gradients (is_grads_batched): the hand-written
+    // backward has no derivative and no batching rule, so differentiate the recomputation.
+    const bool recompute = torch::autograd::GradMode::is_enabled() ||
+                           std::any_of(grads.begin(), grads.end(), [](const Tensor& g) { return at::isBatchedTensor(g); });
+    const bool step = ctx->saved_data["step"].toBool();
+    if (step) {
+      // The operator's shapes; differentiable views where the recomputation differentiates
+      // through them. A step's output is its hy, whose gradient arrives as hy's.
+      torch::autograd::AutoGradMode views_differentiable(recompute);
+      for (size_t i = 0; i < 3; ++i) saved[i] = saved[i].unsqueeze(0);
+      grads = {Tensor(), as_sequence(grads[0], true), as_sequence(grads[1], true)};
+    }
     const int64_t num_params = ctx->saved_data["num_params"].toInt();
     const int64_t num_cell_params = ctx->saved_data["num_cell_params"].toInt();
     const TensorList params = TensorList(saved).slice(3, num_params);
@@ -173,10 +206,7 @@ class LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     const bool bidirectional = ctx->saved_data["bidirectional"].toBool();
     // The gradients of input, hx, cx, the weights and the cell parameters, in that order.
     variable_list result;
-    if (torch::autograd::GradMode::is_enabled() ||
-        std::any_of(grads.begin(), grads.begin() + 3, [](const Tensor& g) { return at::isBatchedTensor(g); })) {
-      // create_graph (double backward) or batched gradients (is_grads_batched): the hand-written
-      // backward has no derivative and no batching rule, so differentiate the recomputation.
+    if (recompute) {
       const variable_list leaves(saved.begin(), saved.begin() + 3 + num_params + num_cell_params);
       result = recomputed_backward(leaves, num_params, batch_sizes, workspace, has_biases, num_layers, bidirectional,
                                    variant, grads);
@@ -189,15 +219,18 @@ class LSTMFunction : public torch::autograd::Function<LSTMFunction> {
       result = {grad_input, grad_hx, grad_cx};
       result.insert(result.end(), grad_params.begin(), grad_params.end());
     }
+    for (size_t i = 0; i < 3 && step; ++i) {
+      if (result[i].defined()) result[i] = result[i].squeeze(0);
+    }
     // One gradient per forward argument (each tensor of a list its own): none for batch_sizes,
-    // the five options, the cell's name, recurrent_dropout, zoneout and return_workspace.
+    // the five options, the cell's name, recurrent_dropout, zoneout, return_workspace and step.
     const auto cell_grads = result.end() - num_cell_params;
     variable_list per_argument(result.begin(), result.begin() + 1);
     per_argument.push_back(Tensor());
     per_argument.insert(per_argument.end(), result.begin() + 1, cell_grads);
     per_argument.resize(per_argument.size() + 6);
     per_argument.insert(per_argument.end(), cell_grads, result.end());
-    per_argument.resize(per_argument.size() + 3);
+    per_argument.resize(per_argument.size() + 4);
     return per_argument;
   }
 };
@@ -210,13 +243,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> autograd_forward(
     bool need_workspace, c10::string_view cell, std::optional<TensorList> cell_params, double recurrent_dropout,
     at::ArrayRef<double> zoneout) {
   const TensorList cell_weights = cell_params.value_or(TensorList());
-  const auto requires_grad = [](const Tensor& t) { return t.requires_grad(); };
-  const bool needs_gradient =
-      torch::autograd::GradMode::is_enabled() &&
-      (input.requires_grad() || hx.requires_grad() || cx.requires_grad() ||
-       std::any_of(params.begin(), params.end(), requires_grad) ||
-       std::any_of(cell_weights.begin(), cell_weights.end(), requires_grad));
-  if (!needs_gradient) {
+  if (!needs_gradient(input, hx, cx, params, cell_weights)) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
                         need_workspace, cell, cell_params, recurrent_dropout, zoneout);
@@ -234,11 +261,26 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> autograd_forward(
   }
   variable_list outputs =
       LSTMFunction::apply(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
-                          cell, cell_weights, recurrent_dropout, zoneout, /*return_workspace=*/need_workspace);
+                          cell, cell_weights, recurrent_dropout, zoneout, /*return_workspace=*/need_workspace,
+                          /*step=*/false);
   return {outputs[0], outputs[1], outputs[2], std::vector<Tensor>(outputs.begin() + 3, outputs.end())};
 }
 
 }  // namespace
+
+std::tuple<Tensor, Tensor> call_step(const Tensor& input, const Tensor& hx, const Tensor& cx, TensorList params,
+                                     bool has_biases) {
+  if (needs_gradient(input, hx, cx, params, {})) {
+    const variable_list outputs =
+        LSTMFunction::apply(input, std::nullopt, hx, cx, params, has_biases, 1, 0.0, false, false, "lstm",
+                            TensorList(), 0.0, at::ArrayRef<double>(), /*return_workspace=*/false, /*step=*/true);
+    return {outputs[0], outputs[1]};
+  }
+  auto [output, hy, cy, workspace] =
+      call_forward(input.unsqueeze(0), std::nullopt, hx.unsqueeze(0), cx.unsqueeze(0), params, has_biases, 1, 0.0,
+                   false, false, /*need_workspace=*/false, "lstm", std::nullopt, 0.0, {});
+  return {step_state(hy), step_state(cy)};
+}
 
 TORCH_LIBRARY_IMPL(lstm_ext, Autograd, m) {
   m.impl("forward", &autograd_forward);

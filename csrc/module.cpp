@@ -60,9 +60,8 @@ std::tuple<Tensor, Tensor> lstm_cell(const Tensor& input, const Tensor& hx, cons
   const bool has_biases = b_ih.has_value();
   std::vector<Tensor> params{w_ih, w_hh};
   if (has_biases) params.insert(params.end(), {*b_ih, *b_hh});
-  auto [output, hy, cy] = forward(input.unsqueeze(0), std::nullopt, hx.unsqueeze(0), cx.unsqueeze(0), params,
-                                  has_biases, 1, 0.0, false, false, "lstm", {}, 0.0, {});
-  return {hy[0], cy[0]};
+  check_tensors(input, {at::TensorList(input), hx, cx, params});
+  return call_step(input, hx, cx, params, has_biases);
 }
 
 }  // namespace

@@ -242,13 +242,22 @@ def _runs_in_cpp(*tensors) -> bool:
     module handles itself (a transform, forward-mode AD, autocast's casts, tracing, compiling, a
     ``__torch_function__``)."""
     return not (
-        torch.compiler.is_compiling()
-        or torch._C._are_functorch_transforms_active()
+        _is_compiling()
+        or _functorch_transforms_active()
         or forward_ad._current_level >= 0
-        or torch.is_autocast_enabled("cpu")
-        or torch.jit.is_tracing()
-        or torch._C._has_torch_function(tensors)
+        or _is_autocast_enabled("cpu")
+        or _is_tracing()
+        or _has_torch_function(tensors)
     )
+
+
+# _runs_in_cpp's checks, looked up once: it runs on every decoding step. (_is_tracing is
+# torch.jit.is_tracing without its TorchScript branch, which an eager caller never takes.)
+_is_compiling = torch.compiler.is_compiling
+_functorch_transforms_active = torch._C._are_functorch_transforms_active
+_is_autocast_enabled = torch.is_autocast_enabled
+_is_tracing = torch._C._is_tracing
+_has_torch_function = torch._C._has_torch_function
 
 
 def _check_tensors(input, batch_sizes, *tensors):

@@ -275,3 +275,35 @@ def test_torch_function_modes_see_the_call():
         got = ext(x)
     compare(got, native(x))
     assert any(name.startswith("lstm_ext.forward") for name in seen)
+
+
+def _one_step_gradients(module, x, state, how):
+    """Gradients of one step for the input, state and weights: plain; of a gradient's norm (double
+    backward); batched over two gradient directions (is_grads_batched); after doubling h in place."""
+    h, c = module(x, state)
+    leaves = [x, *state, *module.parameters()]
+    if how == "in_place":
+        h.mul_(2)
+    if how == "batched":
+        directions = torch.stack([torch.ones_like(h), torch.arange(h.numel(), dtype=h.dtype).view_as(h)])
+        return torch.autograd.grad(h, leaves, directions, is_grads_batched=True)
+    grads = torch.autograd.grad((h * h).sum() + c.sum(), leaves, create_graph=how == "double")
+    if how == "double":
+        return torch.autograd.grad(sum(g.square().sum() for g in grads), leaves)
+    return grads
+
+
+@pytest.mark.parametrize("how", ["plain", "double", "batched", "in_place"])
+def test_an_eager_step_is_one_autograd_node(how):
+    """An eager LSTMCell step is one node of the autograd graph, the operator's C++ autograd
+    Function, with no views of the operator's [1, B, *] shapes around it (five more nodes per
+    step); h and c are tensors of their own, as native's. Its gradients match native's, also
+    differentiated again, batched, and after an in-place update of h."""
+    torch.manual_seed(0)
+    native, ext = make_pair("cell")
+    x = torch.randn(3, INPUT_SIZE, dtype=torch.float64, requires_grad=True)
+    state = tuple(t.requires_grad_() for t in initial_state(native, 3, torch.float64))
+    h, c = ext(x, state)
+    assert h.grad_fn is c.grad_fn and not h._is_view() and not c._is_view()
+    assert {type(fn).__name__ for fn, _ in h.grad_fn.next_functions} == {"AccumulateGrad"}
+    compare(_one_step_gradients(ext, x, state, how), _one_step_gradients(native, x, state, how))
