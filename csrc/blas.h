@@ -11,10 +11,12 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/core/impl/alloc_cpu.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <mutex>
 #include <numeric>
 #include <vector>
 
@@ -356,6 +358,75 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
 
 }  // namespace kernel
 
+// Memory for packed panels, reused from call to call. A call's freed panels go back to this pool
+// (up to kMaxBytes in all, the oldest handed to free() first) rather than to malloc, which hands
+// a block back to the OS once the heap's top is free: the next call then page-faults its panels
+// in again, which cost more than the packing itself (an LSTMCell step at B32 H256 with packed
+// weights, inference: 1.75 ms faulting, 0.25 ms reusing). Only memory is reused: every call packs
+// its weights again, so nothing is ever stale.
+class PanelPool {
+ public:
+  static constexpr size_t kMaxBytes = size_t(64) << 20;
+
+  // An uninitialised tensor whose memory comes from the pool and goes back to it when freed.
+  static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
+    const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
+    if (bytes == 0) return at::empty(sizes, options);
+    PanelPool& pool = instance();
+    const Block block = pool.take(bytes);
+    return at::from_blob(block.data, sizes, [block](void*) { instance().give_back(block); }, options);
+  }
+
+ private:
+  struct Block {
+    void* data;
+    size_t bytes;
+  };
+
+  // Never destroyed: a tensor freed while the process exits may still give its block back.
+  static PanelPool& instance() {
+    static PanelPool* pool = new PanelPool();
+    return *pool;
+  }
+
+  // The smallest free block that holds `bytes`, else a new one.
+  Block take(size_t bytes) {
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->bytes >= bytes && (best == free_.end() || it->bytes < best->bytes)) best = it;
+      }
+      if (best != free_.end()) {
+        const Block block = *best;
+        free_bytes_ -= block.bytes;
+        free_.erase(best);
+        return block;
+      }
+    }
+    return {c10::alloc_cpu(bytes), bytes};
+  }
+
+  void give_back(Block block) {
+    std::vector<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      free_.push_back(block);
+      free_bytes_ += block.bytes;
+      while (free_bytes_ > kMaxBytes) {
+        evicted.push_back(free_.front());
+        free_bytes_ -= free_.front().bytes;
+        free_.erase(free_.begin());
+      }
+    }
+    for (const Block& b : evicted) c10::free_cpu(b.data);
+  }
+
+  std::mutex mutex_;
+  std::vector<Block> free_;  // oldest first
+  size_t free_bytes_ = 0;
+};
+
 // A weight W [n, k] used as the right operand of C = A·Wᵀ for a whole call, packed into panels
 // of kPanelWidth consecutive rows of W (columns of C), each stored depth-major: panel[k][lane].
 // W's rows are cut into groups (the four gate blocks of W_hh) so that no panel straddles two:
@@ -363,8 +434,8 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
 //
 // A call that multiplies few rows by W (one decoding step) would spend more on packing than on
 // its arithmetic: it reads W as stored instead (not packed), by dot products along k where W's
-// rows are contiguous and by W's own rows as panels where its columns are. Nothing is kept
-// between calls, so nothing can be stale.
+// rows are contiguous and by W's own rows as panels where its columns are. Nothing but the
+// panels' memory (PanelPool) is kept between calls, so nothing can be stale.
 template <typename T>
 class PackedWeight {
  public:
@@ -381,7 +452,7 @@ class PackedWeight {
       const T* data = weight.data_ptr<T>();
       const int64_t n = weight.size(0), k = k_, row_stride = weight.stride(0), col_stride = weight.stride(1);
       const int64_t W = kPanelWidth, per_group = panels_per_group(), panels = group == 0 ? 0 : n / group * per_group;
-      panels_ = at::empty({panels, k, W}, weight.options());
+      panels_ = PanelPool::empty({panels, k, W}, weight.options());
       T* out = panels_.data_ptr<T>();
       const auto first_column = [&](int64_t p) { return (p / per_group) * group + (p % per_group) * W; };
       const auto width_of = [&](int64_t p) { return std::min(W, (p / per_group + 1) * group - first_column(p)); };

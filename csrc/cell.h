@@ -35,8 +35,8 @@ struct CellParams {
 
 // One cell's weights packed once per call for all its products (see blas.h). The forward
 // multiplies by W_ih, W_hh and W_hr transposed, the backward by the weights themselves; each
-// packing cuts its columns into the groups a thread's share is taken from. A call over at most
-// kMaxUnpackedRows rows (a decoding step) reads the weights as stored instead.
+// packing cuts its columns into the groups a thread's share is taken from. A call over few rows
+// (a decoding step; see for_forward and for_backward) reads the weights as stored instead.
 template <typename scalar_t>
 struct PackedCell {
   using Weight = blas::PackedWeight<scalar_t>;
@@ -48,16 +48,18 @@ struct PackedCell {
 
   static constexpr int64_t kMaxUnpackedRows = 64;
   // The forward reads unpacked weights by dot products along their rows, each finished by a lane
-  // sum: over at most kShortDepth values the sums cost about what the multiply-adds do, so a call
-  // over more than kShortDepthUnpackedRows rows packs such weights (an LSTMCell step at H64, one
-  // thread: B64 native/ext 0.90 unpacked, 1.95 packed; B32 54 -> 30 us; B16 24 us either way).
-  static constexpr int64_t kShortDepth = 128;
-  static constexpr int64_t kShortDepthUnpackedRows = 16;
+  // sum. Packing a weight that fits a core's L2 costs about one pass of its product, so a call
+  // over more than kCachedUnpackedRows rows packs such weights. An LSTMCell step, one thread,
+  // inference, unpacked -> packed: B32 H64 54 -> 30 us, B32 H256 400 -> 266 us, B64 H256 861 ->
+  // 389 us, B16 H256 160 us either way; at H512 (4 MB weights) packing costs more than it saves,
+  // up to B64 (1.2 -> 2.0 ms at B32).
+  static constexpr int64_t kCachedWeightBytes = 1 << 20;
+  static constexpr int64_t kCachedUnpackedRows = 16;
 
   static PackedCell for_forward(const CellParams& p, int64_t rows) {
     const int64_t H = p.hidden_size(), P = p.output_size();
-    const bool short_depth = std::max(p.w_ih.size(1), H) <= kShortDepth;
-    const bool pack = rows > kMaxUnpackedRows || (short_depth && rows > kShortDepthUnpackedRows);
+    const int64_t weight_bytes = std::max(p.w_ih.numel(), p.w_hh.numel()) * p.w_ih.element_size();
+    const bool pack = rows > kMaxUnpackedRows || (weight_bytes <= kCachedWeightBytes && rows > kCachedUnpackedRows);
     PackedCell cell{Weight::rows_of(p.w_ih, 4 * H, pack), Weight::rows_of(p.w_hh, H, pack),
                     p.has_projection() ? std::optional<Weight>(Weight::rows_of(p.w_hr, P, pack)) : std::nullopt};
     if (p.b_ih.defined() && pack) {

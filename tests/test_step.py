@@ -207,13 +207,16 @@ def test_dtype_moves_and_load_state_dict_between_calls(loop):
     _step_outputs(native, ext, xs, state)
 
 
+@pytest.mark.parametrize("batch", [2, 32], ids=["unpacked", "packed"])
 @pytest.mark.parametrize("loop", LOOPS)
-def test_calls_from_several_threads(loop):
+def test_calls_from_several_threads(loop, batch):
+    """Threads stepping their own modules (and two one module) at once: packed calls (more than
+    16 rows of small weights) also share the pool of panel memory (csrc/blas.h PanelPool)."""
     torch.manual_seed(0)
     pairs = [make_pair(loop) for _ in range(3)]
     pairs.append(pairs[0])  # two threads on one module
-    xs = [torch.randn(STEPS, 2, INPUT_SIZE, dtype=torch.float64) for _ in pairs]
-    states = [initial_state(native, 2, torch.float64) for native, _ in pairs]
+    xs = [torch.randn(STEPS, batch, INPUT_SIZE, dtype=torch.float64) for _ in pairs]
+    states = [initial_state(native, batch, torch.float64) for native, _ in pairs]
     with torch.no_grad():
         expected = [decode(native, x, s) for (native, _), x, s in zip(pairs, xs, states)]
     results = [None] * len(pairs)
