@@ -135,7 +135,7 @@ bool needs_gradient(const Tensor& input, const Tensor& hx, const Tensor& cx, Ten
 // forward's outputs are (output, hy, cy), then the workspace when the caller asked for it; the backward
 // reads the workspace it saved. A `step` (call_step) takes input, hx and cx as [B, *] and returns
 // (hy, cy) as [B, *]: the operator's [1, B, *] views are made inside, where autograd does not see
-// them, so that a decoding step is one autograd node rather than six (the views' own around it).
+// them, so that a decoding step is one autograd node, not six (five views around the call).
 class LSTMFunction : public torch::autograd::Function<LSTMFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const Tensor& input, const std::optional<Tensor>& batch_sizes,
@@ -183,8 +183,9 @@ class LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     variable_list saved = ctx->get_saved_variables();
     // create_graph (double backward) or batched gradients (is_grads_batched): the hand-written
     // backward has no derivative and no batching rule, so differentiate the recomputation.
-    const bool recompute = torch::autograd::GradMode::is_enabled() ||
-                           std::any_of(grads.begin(), grads.end(), [](const Tensor& g) { return at::isBatchedTensor(g); });
+    const auto batched = [](const Tensor& g) { return at::isBatchedTensor(g); };
+    const bool recompute =
+        torch::autograd::GradMode::is_enabled() || std::any_of(grads.begin(), grads.end(), batched);
     const bool step = ctx->saved_data["step"].toBool();
     if (step) {
       // The operator's shapes; differentiable views where the recomputation differentiates

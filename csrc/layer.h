@@ -380,9 +380,9 @@ struct FullLayer {
   // normalised, with the biases).
   template <typename Cell, typename scalar_t>
   void forward(const CellParams& params, const PackedCell<scalar_t>& weights, int64_t k_begin, int64_t k_end,
-               scalar_t* gate_data, const scalar_t* hx_data, scalar_t* h_data, scalar_t* c_data, Matrix<scalar_t> output,
-               const DirectionSaved* saved, scalar_t* h_pre_data, const scalar_t* mask, const Zoneout& zoneout,
-               const LayerNormStep<scalar_t>* layer_norm, TeamMember team) const {
+               scalar_t* gate_data, const scalar_t* hx_data, scalar_t* h_data, scalar_t* c_data,
+               Matrix<scalar_t> output, const DirectionSaved* saved, scalar_t* h_pre_data, const scalar_t* mask,
+               const Zoneout& zoneout, const LayerNormStep<scalar_t>* layer_norm, TeamMember team) const {
     const int64_t H = params.hidden_size(), P = params.output_size(), ld = output.ld;
     const auto [unit_begin, unit_end] = team.share(H, kShareAlign<scalar_t>);
     const UnitSlice units{unit_begin, unit_end};
