@@ -277,9 +277,12 @@ std::tuple<Tensor, Tensor> call_step(const Tensor& input, const Tensor& hx, cons
                             TensorList(), 0.0, at::ArrayRef<double>(), /*return_workspace=*/false, /*step=*/true);
     return {outputs[0], outputs[1]};
   }
-  auto [output, hy, cy, workspace] =
-      call_forward(input.unsqueeze(0), std::nullopt, hx.unsqueeze(0), cx.unsqueeze(0), params, has_biases, 1, 0.0,
-                   false, false, /*need_workspace=*/false, "lstm", std::nullopt, 0.0, {});
+  // Nothing to differentiate: straight past autograd, as autograd_forward sends such a call,
+  // rather than through it to ask needs_gradient again.
+  const Tensor x = as_sequence(input, true), h0 = as_sequence(hx, true), c0 = as_sequence(cx, true);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  auto [output, hy, cy, workspace] = call_forward(x, std::nullopt, h0, c0, params, has_biases, 1, 0.0, false, false,
+                                                  /*need_workspace=*/false, "lstm", std::nullopt, 0.0, {});
   return {step_state(hy), step_state(cy)};
 }
 
