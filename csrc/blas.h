@@ -9,6 +9,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/core/impl/alloc_cpu.h>
@@ -16,6 +17,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <numeric>
 #include <vector>
@@ -358,23 +360,37 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
 
 }  // namespace kernel
 
-// Memory for packed panels, reused from call to call. A call's freed panels go back to this pool
-// (up to kMaxBytes in all, the oldest handed to free() first) rather than to malloc, which hands
-// a block back to the OS once the heap's top is free: the next call then page-faults its panels
-// in again, which cost more than the packing itself (an LSTMCell step at B32 H256 with packed
-// weights, inference: 1.75 ms faulting, 0.25 ms reusing). Only memory is reused: every call packs
-// its weights again, so nothing is ever stale.
-class PanelPool {
+// Memory reused from call to call, for the buffers every call allocates anew at the same sizes:
+// packed panels and weight gradients. Freed blocks of at least kMinBytes go back to this pool (up
+// to kMaxBytes in all, the oldest handed to free() first) rather than to malloc, which hands a
+// block back to the OS once the heap's top is free: the next call then page-faults it in again.
+// That cost more than the work itself: an LSTMCell step at B32 H256 with packed weights,
+// inference, 1.75 ms faulting and 0.25 ms reusing; a training step at B1 H1024, whose two 16 MB
+// weight gradients are freed together (native frees one at a time), 2.5x native's time. Only
+// memory is reused, never contents: every call packs its weights again, so nothing is stale.
+// An allocator, so its tensors are ordinary ones (resizable, shareable) wherever they go.
+class BlockPool final : public c10::Allocator {
  public:
+  static constexpr size_t kMinBytes = size_t(64) << 10;
   static constexpr size_t kMaxBytes = size_t(64) << 20;
 
-  // An uninitialised tensor whose memory comes from the pool and goes back to it when freed.
+  // An uninitialised contiguous tensor on the pool's memory.
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
-    const size_t bytes = c10::multiply_integers(sizes) * options.dtype().itemsize();
-    if (bytes == 0) return at::empty(sizes, options);
-    PanelPool& pool = instance();
-    const Block block = pool.take(bytes);
-    return at::from_blob(block.data, sizes, [block](void*) { instance().give_back(block); }, options);
+    return at::detail::empty_generic(sizes, &instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     options.dtype().toScalarType(), std::nullopt);
+  }
+
+  at::DataPtr allocate(size_t bytes) override {
+    if (bytes < kMinBytes) {
+      void* data = c10::alloc_cpu(bytes);
+      return {data, data, &c10::free_cpu, at::Device(at::kCPU)};
+    }
+    Block* block = new Block(take(bytes));
+    return {block->data, block, &release, at::Device(at::kCPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
   }
 
  private:
@@ -384,18 +400,24 @@ class PanelPool {
   };
 
   // Never destroyed: a tensor freed while the process exits may still give its block back.
-  static PanelPool& instance() {
-    static PanelPool* pool = new PanelPool();
+  static BlockPool& instance() {
+    static BlockPool* pool = new BlockPool();
     return *pool;
   }
 
-  // The smallest free block that holds `bytes`, else a new one.
+  static void release(void* context) {
+    std::unique_ptr<Block> block(static_cast<Block*>(context));
+    instance().give_back(*block);
+  }
+
+  // The smallest free block that holds `bytes` and wastes at most a quarter of them, else a new one.
   Block take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       auto best = free_.end();
       for (auto it = free_.begin(); it != free_.end(); ++it) {
-        if (it->bytes >= bytes && (best == free_.end() || it->bytes < best->bytes)) best = it;
+        const bool fits = it->bytes >= bytes && it->bytes - bytes <= bytes / 4;
+        if (fits && (best == free_.end() || it->bytes < best->bytes)) best = it;
       }
       if (best != free_.end()) {
         const Block block = *best;
@@ -435,7 +457,7 @@ class PanelPool {
 // A call that multiplies few rows by W (one decoding step) would spend more on packing than on
 // its arithmetic: it reads W as stored instead (not packed), by dot products along k where W's
 // rows are contiguous and by W's own rows as panels where its columns are. Nothing but the
-// panels' memory (PanelPool) is kept between calls, so nothing can be stale.
+// panels' memory (BlockPool) is kept between calls, so nothing can be stale.
 template <typename T>
 class PackedWeight {
  public:
@@ -452,7 +474,7 @@ class PackedWeight {
       const T* data = weight.data_ptr<T>();
       const int64_t n = weight.size(0), k = k_, row_stride = weight.stride(0), col_stride = weight.stride(1);
       const int64_t W = kPanelWidth, per_group = panels_per_group(), panels = group == 0 ? 0 : n / group * per_group;
-      panels_ = PanelPool::empty({panels, k, W}, weight.options());
+      panels_ = BlockPool::empty({panels, k, W}, weight.options());
       T* out = panels_.data_ptr<T>();
       const auto first_column = [&](int64_t p) { return (p / per_group) * group + (p % per_group) * W; };
       const auto width_of = [&](int64_t p) { return std::min(W, (p / per_group + 1) * group - first_column(p)); };

@@ -542,8 +542,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           const CellParams& cell = cells[c];
           Tensor* grads = grad_params.data() + c * per_cell;
           Tensor* grad_cell_params = grad_params.data() + params.size() + c * unit_weights;
-          grads[0] = at::empty_like(cell.w_ih, at::MemoryFormat::Contiguous);
-          grads[1] = at::empty_like(cell.w_hh, at::MemoryFormat::Contiguous);
+          grads[0] = blas::BlockPool::empty(cell.w_ih.sizes(), cell.w_ih.options());
+          grads[1] = blas::BlockPool::empty(cell.w_hh.sizes(), cell.w_hh.options());
           // The gradient of x W_ihᵀ: the pre-activations', or with layer norm its input LN's.
           Tensor dinput = dgates[d];
           if (layer_norm) {
@@ -570,7 +570,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           }
           if (cell.has_projection()) {
             const Tensor hidden_pre = saved[d].gates.narrow(1, 3 * H, H) * saved[d].tanh_cells;
-            grads[per_cell - 1] = at::empty_like(cell.w_hr, at::MemoryFormat::Contiguous);
+            grads[per_cell - 1] = blas::BlockPool::empty(cell.w_hr.sizes(), cell.w_hr.options());
             PackedCell<scalar_t>::weight_gradient(dh_rows[d], hidden_pre, grads[per_cell - 1]);
           }
           for (int64_t k = 0; k < Cell::kUnitWeights; ++k) {

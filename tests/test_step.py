@@ -211,7 +211,7 @@ def test_dtype_moves_and_load_state_dict_between_calls(loop):
 @pytest.mark.parametrize("loop", LOOPS)
 def test_calls_from_several_threads(loop, batch):
     """Threads stepping their own modules (and two one module) at once: packed calls (more than
-    16 rows of small weights) also share the pool of panel memory (csrc/blas.h PanelPool)."""
+    16 rows of small weights) also share the pool of panel memory (csrc/blas.h BlockPool)."""
     torch.manual_seed(0)
     pairs = [make_pair(loop) for _ in range(3)]
     pairs.append(pairs[0])  # two threads on one module
@@ -233,6 +233,30 @@ def test_calls_from_several_threads(loop, batch):
     for result, want in zip(results, expected):
         for outputs in result:
             compare(outputs, want)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_weight_gradients_in_reused_memory(loop):
+    """Weight gradients of 64 KB and more come from a pool of memory (csrc/blas.h BlockPool) that
+    the next backward reuses once they are freed: training steps of several sizes in turn, their
+    gradients freed after each (zero_grad), match native every time, and a gradient is an ordinary
+    tensor (resizable storage, shareable)."""
+    torch.manual_seed(0)
+    native, ext = make_pair(loop, hidden_size=96)
+    for batch in (1, 5, 1, 2):
+        xs = torch.randn(STEPS, batch, INPUT_SIZE, dtype=torch.float64)
+        state = initial_state(native, batch, torch.float64)
+        for module in (native, ext):
+            module.zero_grad(set_to_none=True)
+            outputs = decode(module, xs, state)
+            (outputs[0].square().sum() + outputs[2].sum()).backward()
+        for (name, want), got in zip(native.named_parameters(), ext.parameters()):
+            compare(got.grad, want.grad, msg=name)
+    grad = ext.weight_hh.grad if loop == "cell" else ext.weight_hh_l0.grad
+    assert grad.nbytes >= 64 << 10 and grad.untyped_storage().resizable()
+    values = grad.clone()
+    grad.share_memory_()
+    assert grad.is_shared() and torch.equal(grad, values)
 
 
 class _RecordOps(TorchDispatchMode):
