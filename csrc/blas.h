@@ -60,6 +60,25 @@ namespace kernel {
 
 template <typename T>
 using Vec = at::vec::Vectorized<T>;
+
+// A loaded vector held in a register. The compiler otherwise folds the load into each FMA that
+// uses the vector, one load per use: a 3 × 8 tile of dot products then issued 27 loads per 24
+// FMAs rather than 11, and waited on them.
+template <typename T>
+inline Vec<T> in_register(Vec<T> v) {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX512)
+  using Raw = std::conditional_t<std::is_same_v<T, float>, __m512, __m512d>;
+#else
+  using Raw = std::conditional_t<std::is_same_v<T, float>, __m256, __m256d>;
+#endif
+  Raw raw = v;
+  asm("" : "+v"(raw));
+  return raw;
+#else
+  return v;
+#endif
+}
 // Columns per panel: two vectors, so a row of a 6-row tile fills two accumulators.
 template <typename T>
 constexpr int64_t kPanelWidth = 2 * Vec<T>::size();
@@ -250,7 +269,7 @@ inline void dot_tile(const T* a, int64_t lda, const T* w, int64_t ldw, int64_t d
     for (int i = 0; i < Rows; ++i) a_k[i] = Vec<T>::loadu(a + i * lda + k, n);
 #pragma GCC unroll 8
     for (int j = 0; j < Cols; ++j) {
-      const Vec<T> w_k = Vec<T>::loadu(w_rows[j] + k, n);
+      const Vec<T> w_k = in_register<T>(Vec<T>::loadu(w_rows[j] + k, n));
 #pragma GCC unroll 8
       for (int i = 0; i < Rows; ++i) acc[i][j] = at::vec::fmadd(a_k[i], w_k, acc[i][j]);
     }
