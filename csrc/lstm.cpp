@@ -351,7 +351,10 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   const bool layer_norm = CellName::parse(cell).layer_norm;
 
   const Tensor h0 = hx.contiguous(), c0 = cx.contiguous();
-  Tensor hy = h0.clone(), cy = c0.clone();
+  // Every row of hy is written (each sequence has a step); cy carries the state from c0 in place.
+  // A raw copy: clone's TensorIterator costs a decoding step more than the copy itself.
+  Tensor hy = at::empty_like(h0), cy = at::empty_like(c0);
+  if (c0.numel() > 0) std::memcpy(cy.data_ptr(), c0.const_data_ptr(), c0.nbytes());
   const int64_t B = steps.max_batch();
   Workspace ws = need_workspace ? Workspace::allocate(s, N, B, apply_dropout, apply_recurrent_dropout,
                                                      apply_zoneout && train, layer_norm, opts)

@@ -55,7 +55,7 @@ def lstm_dense(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``torch._VF.lstm`` on a padded ``[T, B, I]`` (or ``[B, T, I]``) input."""
     h0, c0 = _unpack_hidden(hx)
-    params, cell_args = _variant_args(params, train, num_layers, bidirectional, **variant)
+    params, cell_args = _split_variant(params, train, num_layers, bidirectional, variant)
     if batch_first:
         if input.dim() != 3:
             raise RuntimeError(f"lstm_ext: expected 3-D [B, T, I] input with batch_first=True, got {input.dim()}-D")
@@ -81,7 +81,7 @@ def lstm_packed(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """``torch._VF.lstm`` on packed data ``[N, I]`` with ``batch_sizes`` (as in ``PackedSequence``)."""
     h0, c0 = _unpack_hidden(hx)
-    params, cell_args = _variant_args(params, train, num_layers, bidirectional, **variant)
+    params, cell_args = _split_variant(params, train, num_layers, bidirectional, variant)
     return _forward(data, batch_sizes, h0, c0, params, has_biases, num_layers, dropout, train, bidirectional, cell_args)
 
 
@@ -94,6 +94,13 @@ class CellWeights(list):
         super().__init__(weights)
         self.cell, self.recurrent_dropout, self.weight_drop = cell, recurrent_dropout, weight_drop
         self.zoneout = zoneout
+
+
+def _split_variant(params, train, num_layers, bidirectional, variant):
+    """_variant_args, skipped for the plain LSTM: every call passes here (~1 us of a T=1 call)."""
+    if not variant and not isinstance(params, CellWeights):
+        return params, ()
+    return _variant_args(params, train, num_layers, bidirectional, **variant)
 
 
 def _variant_args(
@@ -143,7 +150,7 @@ def lstm_cell(
     if has_biases != (b_hh is not None):
         raise RuntimeError("lstm_ext.lstm_cell: b_ih and b_hh must both be given or both be None")
     params = [w_ih, w_hh, b_ih, b_hh] if has_biases else [w_ih, w_hh]
-    params, cell_args = _variant_args(params, train, 1, False, **variant) if variant else (params, ())
+    params, cell_args = _split_variant(params, train, 1, False, variant)
     try:
         if not cell_args and _runs_in_cpp(input, h0, c0, *params):
             return _C.lstm_cell(input, h0, c0, w_ih, w_hh, b_ih, b_hh)

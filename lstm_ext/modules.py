@@ -142,6 +142,21 @@ class LSTM(nn.LSTM):
         self._all_weights = all_weights
         self._flat_weights_names = [name for names in all_weights for name in names]
 
+    def _weights_have_changed(self):
+        # nn.RNNBase's check, run by every forward, with its getattr(self, name) read from
+        # _parameters where that is what getattr finds (no class attribute, such as a
+        # parametrization's property, and no instance attribute by that name): two
+        # Module.__getattr__ calls per weight cost a T=1 call ~4 us.
+        parameters, attributes, cls = self._parameters, self.__dict__, type(self)
+        for ref, name in zip(self._flat_weight_refs, self._flat_weights_names, strict=True):
+            if name in parameters and name not in attributes and not hasattr(cls, name):
+                weight = parameters[name]
+            else:
+                weight = getattr(self, name) if hasattr(self, name) else None
+            if weight is not None and ref is not None and ref() is not weight:
+                return True
+        return False
+
     def _init_flat_weights(self):
         super()._init_flat_weights()
         if not self._is_plain():

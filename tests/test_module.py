@@ -160,3 +160,50 @@ def test_flatten_parameters_keeps_matching_native():
     native, ext = make_lstm_pair(**FULL_FEATURED)
     ext.flatten_parameters()
     assert_matches_native(native, ext, make_input(torch.float64))
+
+
+def _swap_by_functional_call(module, name, weight):
+    return lambda *args: torch.func.functional_call(module, {name: weight}, args)
+
+
+def _swap_by_parametrization(module, name, weight):
+    class Scaled(nn.Module):
+        def forward(self, value):
+            return value * 0.5
+
+    torch.nn.utils.parametrize.register_parametrization(module, name, Scaled())
+    return module
+
+
+def _swap_by_plain_attribute(module, name, weight):
+    delattr(module, name)
+    setattr(module, name, weight)
+    return module
+
+
+def _swap_by_new_parameter(module, name, weight):
+    setattr(module, name, nn.Parameter(weight))
+    return module
+
+
+WEIGHT_SWAPS = {
+    "functional_call": _swap_by_functional_call,
+    "parametrization": _swap_by_parametrization,
+    "plain_attribute": _swap_by_plain_attribute,
+    "new_parameter": _swap_by_new_parameter,
+}
+
+
+@pytest.mark.parametrize("swap", WEIGHT_SWAPS.values(), ids=WEIGHT_SWAPS.keys())
+def test_a_weight_found_elsewhere_than_its_parameter_is_used(swap):
+    """nn.LSTM's forward refreshes its weight list from getattr(module, name) when that is no
+    longer the listed weight; lstm_ext.LSTM reads _parameters directly where getattr would find
+    them there, so a weight met anywhere else (functional_call's, a parametrization's property,
+    a plain attribute, a new Parameter) must still be the one used, as native's."""
+    native, ext = make_lstm_pair()
+    weight = torch.randn_like(native.weight_hh_l0)
+    input, hx = make_input(torch.float64), make_hx(native, torch.float64)
+    outputs = [swap(module, "weight_hh_l0", weight)(input, hx) for module in (native, ext)]
+    compare(outputs[1], outputs[0])
+    unchanged, _ = make_lstm_pair()[0](input, hx)
+    assert not torch.allclose(outputs[0][0], unchanged)
