@@ -22,6 +22,10 @@
 #include <numeric>
 #include <vector>
 
+#if !defined(_WIN32)
+#include <pthread.h>
+#endif
+
 namespace lstm_ext::blas {
 
 // A row-major matrix view: rows × cols with leading dimension ld (elements between rows).
@@ -409,18 +413,19 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
 }  // namespace kernel
 
 // Memory reused from call to call, for the buffers every call allocates anew at the same sizes:
-// packed panels and weight gradients. Freed blocks of at least kMinBytes go back to this pool (up
-// to kMaxBytes in all, the oldest handed to free() first) rather than to malloc, which hands a
-// block back to the OS once the heap's top is free: the next call then page-faults it in again.
-// That cost more than the work itself: an LSTMCell step at B32 H256 with packed weights,
-// inference, 1.75 ms faulting and 0.25 ms reusing; a training step at B1 H1024, whose two 16 MB
-// weight gradients are freed together (native frees one at a time), 2.5x native's time. Only
-// memory is reused, never contents: every call packs its weights again, so nothing is stale.
-// An allocator, so its tensors are ordinary ones (resizable, shareable) wherever they go.
+// packed panels, the operator's outputs and workspace, the backward's buffers and weight
+// gradients. Freed blocks of at least kMinBytes go back to this pool (up to kMaxBytes in all, the
+// oldest handed to free() first) rather than to malloc, which hands a block back to the OS once
+// the heap's top is free: the next call then page-faults it in again. That cost more than the
+// work itself: an LSTMCell step at B32 H256 with packed weights, inference, 1.75 ms faulting and
+// 0.25 ms reusing; a training step at B1 H1024, whose two 16 MB weight gradients are freed
+// together (native frees one at a time), 2.5x native's time. kMaxBytes holds what a training
+// call of the benchmark's large shapes frees (T100 B64 H512: ~170 MB). Only memory is reused,
+// never contents. An allocator, so its tensors are ordinary ones (resizable, shareable).
 class BlockPool final : public c10::Allocator {
  public:
   static constexpr size_t kMinBytes = size_t(64) << 10;
-  static constexpr size_t kMaxBytes = size_t(64) << 20;
+  static constexpr size_t kMaxBytes = size_t(256) << 20;
 
   // An uninitialised contiguous tensor on the pool's memory.
   static at::Tensor empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
@@ -449,7 +454,15 @@ class BlockPool final : public c10::Allocator {
 
   // Never destroyed: a tensor freed while the process exits may still give its block back.
   static BlockPool& instance() {
-    static BlockPool* pool = new BlockPool();
+    static BlockPool* pool = [] {
+#if !defined(_WIN32)
+      // Held across fork, as malloc holds its own locks: a child forked (a DataLoader worker)
+      // while another thread took a block would otherwise find the lock taken for good.
+      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
+                     [] { instance().mutex_.unlock(); });
+#endif
+      return new BlockPool();
+    }();
     return *pool;
   }
 
@@ -458,19 +471,20 @@ class BlockPool final : public c10::Allocator {
     instance().give_back(*block);
   }
 
-  // The smallest free block that holds `bytes` and wastes at most a quarter of them, else a new one.
+  // The smallest free block that holds `bytes` and wastes at most a quarter of them, the most
+  // recently freed of equal ones (still in cache, as malloc's reuse would be), else a new one.
   Block take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      auto best = free_.end();
-      for (auto it = free_.begin(); it != free_.end(); ++it) {
+      auto best = free_.rend();
+      for (auto it = free_.rbegin(); it != free_.rend(); ++it) {
         const bool fits = it->bytes >= bytes && it->bytes - bytes <= bytes / 4;
-        if (fits && (best == free_.end() || it->bytes < best->bytes)) best = it;
+        if (fits && (best == free_.rend() || it->bytes < best->bytes)) best = it;
       }
-      if (best != free_.end()) {
+      if (best != free_.rend()) {
         const Block block = *best;
         free_bytes_ -= block.bytes;
-        free_.erase(best);
+        free_.erase(std::next(best).base());
         return block;
       }
     }

@@ -196,13 +196,13 @@ struct Workspace {
     const int64_t cells = s.num_layers * s.num_directions, H = s.hidden_size, P = s.output_size;
     const int64_t between = s.num_layers - 1, width = s.num_directions * P;
     const auto empty_if = [&](bool wanted, at::IntArrayRef shape) {
-      return wanted ? at::empty(shape, opts) : at::empty({0}, opts);
+      return wanted ? blas::BlockPool::empty(shape, opts) : at::empty({0}, opts);
     };
-    return {at::empty({cells, rows, 4 * H}, opts),
-            at::empty({cells, rows, H}, opts),
-            at::empty({cells, rows, H}, opts),
-            at::empty({cells, rows, P}, opts),
-            at::empty({between, rows, width}, opts),
+    return {blas::BlockPool::empty({cells, rows, 4 * H}, opts),
+            blas::BlockPool::empty({cells, rows, H}, opts),
+            blas::BlockPool::empty({cells, rows, H}, opts),
+            blas::BlockPool::empty({cells, rows, P}, opts),
+            blas::BlockPool::empty({between, rows, width}, opts),
             empty_if(with_dropout, {between, rows, width}),
             empty_if(with_recurrent_dropout, {cells, batch, P}),
             empty_if(with_zoneout, {cells, rows, H}),
@@ -265,10 +265,11 @@ Tensor draw_dropout_mask(Tensor mask, double dropout) {
 }
 
 // Inference projects the input in chunks of steps of at most this many bytes of gates (all
-// directions together), so that malloc keeps the buffer between calls: glibc hands a block over
-// 32 MB back to the OS when it is freed, and the next call's first touch of it page-faults again
-// (5.5 ms for the large shape's 52 MB, 1.06x its inference). Smaller chunks cost more than they
-// save: each projection between chunks evicts part of W_hh (the wide shape's 16 MB, 0.98x).
+// directions together): one buffer, reused from chunk to chunk and (BlockPool) from call to call,
+// whose size does not grow with the sequence. (A whole sequence's gates, 52 MB for the large
+// shape, freed to glibc went back to the OS and page-faulted in again at the next call: 5.5 ms,
+// 1.06x its inference.) Smaller chunks cost more than they save: each projection between chunks
+// evicts part of W_hh (the wide shape's 16 MB, 0.98x).
 constexpr int64_t kInferenceChunkBytes = 24 << 20;
 
 // Steps per chunk: as few chunks as keep each within kInferenceChunkBytes, of equal size. Packed
@@ -370,7 +371,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   std::vector<Tensor> scratch_gates;
   if (!need_workspace) {
     const int64_t rows = std::min(N, chunk_steps * steps.max_batch());
-    for (int64_t d = 0; d < D; ++d) scratch_gates.push_back(at::empty({rows, 4 * H}, opts));
+    for (int64_t d = 0; d < D; ++d) scratch_gates.push_back(blas::BlockPool::empty({rows, 4 * H}, opts));
   }
   const Tensor h_pre = cells.front().has_projection() ? at::empty({D, steps.max_batch(), H}, opts) : Tensor();
 
@@ -381,7 +382,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
       const int threads = layer_threads<scalar_t>(steps, D, H, P);
       for (int64_t l = 0; l < num_layers; ++l) {
         const bool last = l == num_layers - 1;
-        layer_output = need_workspace && !last ? ws.layer_inputs[l] : at::empty({N, D * P}, opts);
+        layer_output = need_workspace && !last ? ws.layer_inputs[l] : blas::BlockPool::empty({N, D * P}, opts);
         // The threads below touch raw memory only, at these offsets: no tensor view per call.
         scalar_t* output_data = layer_output.data_ptr<scalar_t>();
         std::vector<Tensor> gates, recurrent_masks;
@@ -445,7 +446,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
           });
         }
         if (apply_dropout && !last) {
-          Tensor mask = need_workspace ? ws.dropout_masks[l] : at::empty_like(layer_output);
+          Tensor mask = need_workspace ? ws.dropout_masks[l] : blas::BlockPool::empty(layer_output.sizes(), opts);
           layer_output.mul_(draw_dropout_mask(mask, dropout));
         }
         layer_input = layer_output;
@@ -489,14 +490,14 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
   }
   const Tensor dh_pre = cells.front().has_projection() ? at::empty({D, steps.max_batch(), H}, hx.options()) : Tensor();
   // One set for all layers: fresh buffers this big cost their page faults again in every layer.
-  const Tensor all_dgates = at::empty({D, N, 4 * H}, hx.options());
+  const Tensor all_dgates = blas::BlockPool::empty({D, N, 4 * H}, hx.options());
   // Without its masks in the workspace, the forward ran zoneout in eval.
   const Zoneout eval_zoneout = check_zoneout(zoneout) && ws.zoneout_cell_masks.numel() == 0
                                    ? constant_zoneout(zoneout, N, H, P, hx.options())
                                    : Zoneout{};
-  const Tensor all_dh_rows = cells.front().has_projection() ? at::empty({D, N, P}, hx.options()) : Tensor();
+  const Tensor all_dh_rows = cells.front().has_projection() ? blas::BlockPool::empty({D, N, P}, hx.options()) : Tensor();
   // Layer norm's: dL/d(h_{t-1} W_hhᵀ) of every row, and the gradients of γ_hh, γ_c, β_c.
-  const Tensor all_drecurrent = layer_norm ? at::empty({D, N, 4 * H}, hx.options()) : Tensor();
+  const Tensor all_drecurrent = layer_norm ? blas::BlockPool::empty({D, N, 4 * H}, hx.options()) : Tensor();
   Tensor grad_input;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::backward", [&] {
     with_cell(cell, [&]<typename Cell>() {
@@ -539,7 +540,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
               layer_norm ? all_drecurrent[d] : Tensor(), member);
         });
         // Weight gradients as a few GEMMs over all steps at once.
-        Tensor grad_layer_input = at::empty({N, layer_input.size(1)}, hx.options());
+        Tensor grad_layer_input = blas::BlockPool::empty({N, layer_input.size(1)}, hx.options());
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = l * D + d;
           const CellParams& cell = cells[c];
@@ -552,7 +553,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           if (layer_norm) {
             if constexpr (pointwise::kVectorized<scalar_t>) {
               const LayerNormSaved& kept = saved[d].layer_norm;
-              dinput = at::empty_like(dgates[d]);
+              dinput = blas::BlockPool::empty(dgates[d].sizes(), dgates[d].options());
               normalize_input_backward<scalar_t>(N, H, dgates[d].data_ptr<scalar_t>(),
                                                  cell.layer_norm[0].data_ptr<scalar_t>(),
                                                  kept.input.data_ptr<scalar_t>(), kept.rstd.data_ptr<scalar_t>(),

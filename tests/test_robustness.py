@@ -573,3 +573,49 @@ def test_workspace_only_when_something_needs_gradients(make_module, input_requir
     with _RecordWorkspaces() as recorder, context():
         module(input)
     assert [len(workspace) for workspace in recorder.workspaces] == workspace_sizes
+
+
+def _child_forward():
+    torch.manual_seed(0)
+    module = lstm_ext.LSTM(64, 96, num_layers=2)
+    output, _ = module(torch.randn(30, 8, 64))
+    output.sum().backward()
+    return output.detach()
+
+
+def _forward_in_child(queue):
+    torch.set_num_threads(1)  # as DataLoader's workers do: the parent's OpenMP pool does not survive fork
+    queue.put(_child_forward().numpy())  # pickled whole: a shared tensor would need this process alive
+
+
+def test_a_forked_child_runs_while_other_threads_call():
+    """A child forked (as a DataLoader worker is) while other threads call lstm_ext runs lstm_ext
+    itself and matches the parent. (Buffers come from a pool behind a lock, csrc/blas.h BlockPool,
+    held across fork by pthread_atfork handlers; a fork inside the lock's few instructions is too
+    rare for this test to catch without them, so it checks the fork, not that race.)"""
+    expected = _child_forward()
+    stop = threading.Event()
+    # Training steps of a small cell: two 64 KB weight gradients from the pool per step.
+    cell, input = lstm_ext.LSTMCell(64, 64), torch.randn(1, 64)
+
+    def busy():
+        while not stop.is_set():
+            cell(input)[0].sum().backward()
+
+    threads = [threading.Thread(target=busy) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        context = torch.multiprocessing.get_context("fork")
+        for _ in range(10):
+            queue = context.Queue()
+            child = context.Process(target=_forward_in_child, args=(queue,))
+            child.start()
+            got = queue.get(timeout=120)
+            child.join(timeout=120)
+            assert child.exitcode == 0
+            compare_all([torch.from_numpy(got)], [expected], "the child's output")
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
