@@ -224,7 +224,8 @@ inline void add_lane_sums(const Vec<T>* acc, T* out, int64_t count) {
     const __m512d ab = _mm512_add_pd(_mm512_unpacklo_pd(acc[0], acc[1]), _mm512_unpackhi_pd(acc[0], acc[1]));
     const __m512d cd = _mm512_add_pd(_mm512_unpacklo_pd(acc[2], acc[3]), _mm512_unpackhi_pd(acc[2], acc[3]));
     // [ab0 + ab1, ab2 + ab3, cd0 + cd1, cd2 + cd3] by 128-bit lanes, then the halves' pairs.
-    const __m512d pairs = _mm512_add_pd(_mm512_shuffle_f64x2(ab, cd, 0b10001000), _mm512_shuffle_f64x2(ab, cd, 0b11011101));
+    const __m512d pairs =
+        _mm512_add_pd(_mm512_shuffle_f64x2(ab, cd, 0b10001000), _mm512_shuffle_f64x2(ab, cd, 0b11011101));
     const __m512d quads = _mm512_add_pd(_mm512_shuffle_f64x2(pairs, pairs, 0b00001000),
                                         _mm512_shuffle_f64x2(pairs, pairs, 0b00001101));
     const __m256d quad = _mm512_castpd512_pd256(quads);

@@ -495,7 +495,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
   const Zoneout eval_zoneout = check_zoneout(zoneout) && ws.zoneout_cell_masks.numel() == 0
                                    ? constant_zoneout(zoneout, N, H, P, hx.options())
                                    : Zoneout{};
-  const Tensor all_dh_rows = cells.front().has_projection() ? blas::BlockPool::empty({D, N, P}, hx.options()) : Tensor();
+  const Tensor all_dh_rows =
+      cells.front().has_projection() ? blas::BlockPool::empty({D, N, P}, hx.options()) : Tensor();
   // Layer norm's: dL/d(h_{t-1} W_hhᵀ) of every row, and the gradients of γ_hh, γ_c, β_c.
   const Tensor all_drecurrent = layer_norm ? blas::BlockPool::empty({D, N, 4 * H}, hx.options()) : Tensor();
   Tensor grad_input;
