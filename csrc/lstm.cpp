@@ -416,7 +416,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
           } else if (need_workspace) {
             zoneouts.push_back(draw_zoneout(zoneout, ws.zoneout_cell_masks[c], ws.zoneout_hidden_masks[c]));
           } else {
-            zoneouts.push_back(draw_zoneout(zoneout, at::empty({N, H}, opts), at::empty({N, P}, opts)));
+            zoneouts.push_back(
+                draw_zoneout(zoneout, blas::BlockPool::empty({N, H}, opts), blas::BlockPool::empty({N, P}, opts)));
           }
         }
         for (int64_t k0 = 0; k0 < steps.count(); k0 += chunk_steps) {
