@@ -345,6 +345,76 @@ void rows_times(Matrix<const T> a, const T* b, int64_t ldb, Matrix<T> c) {
   }
 }
 
+// A panel of `width` (<= kPanelWidth) consecutive rows of a matrix whose elements are row_stride
+// and col_stride apart, depth-major: panel[k][lane] = src[lane][k], the lanes past width zeros.
+template <typename T>
+void pack_panel(const T* src, int64_t row_stride, int64_t col_stride, int64_t width, int64_t depth, T* panel) {
+  constexpr int64_t W = kPanelWidth<T>;
+  if (width < W) std::fill(panel, panel + depth * W, T(0));
+  int64_t j0 = 0;
+  if (col_stride == 1) {  // square blocks through at::vec's in-register transpose, then the odd depth one by one
+    for (; j0 + W <= depth; j0 += W) at::vec::transpose_mxn<T>(src + j0, row_stride, panel + j0 * W, W, width, W);
+  }
+  for (int64_t lane = 0; lane < width; ++lane) {
+    for (int64_t j = j0; j < depth; ++j) panel[j * W + lane] = src[lane * row_stride + j * col_stride];
+  }
+}
+
+// dst[j, i] += src[i, j] for src [rows, cols].
+template <typename T>
+void add_transposed(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T* dst, int64_t ld_dst) {
+  constexpr int64_t kBlock = 32;
+  alignas(64) T block[kBlock * kBlock];
+  for (int64_t i0 = 0; i0 < rows; i0 += kBlock) {
+    const int64_t m = std::min(kBlock, rows - i0);
+    for (int64_t j0 = 0; j0 < cols; j0 += kBlock) {
+      const int64_t n = std::min(kBlock, cols - j0);
+      at::vec::transpose_mxn<T>(src + i0 * ld_src + j0, ld_src, block, kBlock, m, n);
+      for (int64_t j = 0; j < n; ++j) {
+        T* out = dst + (j0 + j) * ld_dst + i0;
+        for (int64_t i = 0; i < m; i += Vec<T>::size()) {
+          const int64_t count = std::min<int64_t>(Vec<T>::size(), m - i);
+          (Vec<T>::loadu(out + i, count) + Vec<T>::loadu(block + j * kBlock + i, count)).store(out + i, count);
+        }
+      }
+    }
+  }
+}
+
+// Rows of a product that weight_major_products takes: two float panels, four double ones. Fewer
+// than half a panel leave most lanes idle, and dot products win (an LSTM step at B16 H256, one
+// thread: 130 us by dot products, 190 us weight-major).
+constexpr int64_t kMaxWeightMajorRows = 64;
+template <typename T>
+constexpr int64_t kMinWeightMajorRows = kPanelWidth<T> / 2 + 1;
+
+// c[rows, cols] += a[rows, depth] · w[cols, depth]ᵀ for a few rows (<= kMaxWeightMajorRows) and a weight
+// whose rows (ldw apart) are contiguous, as cᵀ = w·aᵀ: w's rows are the tile kernel's broadcast side,
+// read as stored, and aᵀ its panels. Only a is packed, not the weight (cols / rows times bigger):
+// a decoding step at B32 H256 spent a quarter of its time packing W_ih and W_hh.
+template <typename T>
+void weight_major_products(Matrix<const T> a, const T* w, int64_t ldw, Matrix<T> c) {
+  constexpr int64_t W = kPanelWidth<T>, kMaxLanes = kMaxWeightMajorRows;
+  // Columns of c per pass: cᵀ's block [kChunk, lanes] (24 KB) stays in L1 over every depth block.
+  constexpr int64_t kChunk = (24 << 10) / (kMaxLanes * sizeof(T)) / kTileRows * kTileRows;
+  const int64_t depth = a.cols, panels = (c.rows + W - 1) / W, lanes = panels * W;
+  // Reused from call to call: a decoding step allocates nothing.
+  thread_local std::vector<T> a_panels;
+  if (a_panels.size() < static_cast<size_t>(panels * depth * W)) a_panels.resize(panels * depth * W);
+  for (int64_t q = 0; q < panels; ++q) {
+    pack_panel(a.data + q * W * a.ld, a.ld, int64_t(1), std::min(W, c.rows - q * W), depth, a_panels.data() + q * depth * W);
+  }
+  alignas(64) T transposed[kChunk * kMaxLanes];
+  for (int64_t n0 = 0; n0 < c.cols; n0 += kChunk) {
+    const int64_t n = std::min(kChunk, c.cols - n0);
+    for (int64_t k0 = 0; k0 < depth; k0 += kDepthBlock) {
+      tiles<T>(n, lanes, Left<T>::row_major(w + n0 * ldw + k0, ldw), Right<T>::packed(a_panels.data() + k0 * W, depth),
+               std::min(kDepthBlock, depth - k0), transposed, lanes, /*add_to_c=*/k0 > 0);
+    }
+    add_transposed(transposed, lanes, n, c.rows, c.data + n0, c.ld);
+  }
+}
+
 // multiply_transposed below, on our kernel. For each block of depth, each thread packs the
 // block of every b into panels, then walks its rows of c: every block of a is packed once,
 // transposed into tiles, for all products.
@@ -518,9 +588,10 @@ class BlockPool final : public c10::Allocator {
 // a thread owning a slice of every gate block then owns whole panels.
 //
 // A call that multiplies few rows by W (one decoding step) would spend more on packing than on
-// its arithmetic: it reads W as stored instead (not packed), by dot products along k where W's
-// rows are contiguous and by W's own rows as panels where its columns are. Nothing but the
-// panels' memory (BlockPool) is kept between calls, so nothing can be stale.
+// its arithmetic: it reads W as stored instead (not packed). Where W's rows are contiguous, as
+// cᵀ = W·aᵀ with a packed (weight_major_products), or by dot products along k for the fewest rows;
+// where its columns are, by W's own rows as panels. Nothing but the panels' memory (BlockPool) is
+// kept between calls, so nothing can be stale.
 template <typename T>
 class PackedWeight {
  public:
@@ -547,19 +618,7 @@ class PackedWeight {
         at::parallel_for(0, panels, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, k * W)),
                          [&](int64_t begin, int64_t end) {
           for (int64_t p = begin; p < end; ++p) {
-            const int64_t width = width_of(p);
-            const T* src = data + first_column(p) * row_stride;
-            T* panel = out + p * k * W;
-            int64_t j0 = 0;
-            if (width < W) {
-              std::fill(panel, panel + k * W, T(0));
-            } else if (col_stride == 1) {
-              // Square blocks through at::vec's in-register transpose, then the odd depth one by one.
-              for (; j0 + W <= k; j0 += W) at::vec::transpose_mxn<T, W, W>(src + j0, row_stride, panel + j0 * W, W);
-            }
-            for (int64_t lane = 0; lane < width; ++lane) {
-              for (int64_t j = j0; j < k; ++j) panel[j * W + lane] = src[lane * row_stride + j * col_stride];
-            }
+            kernel::pack_panel(data + first_column(p) * row_stride, row_stride, col_stride, width_of(p), k, out + p * k * W);
           }
         });
       } else {
@@ -610,7 +669,9 @@ class PackedWeight {
     } else if (!panels_.defined()) {
       start_rows(c, accumulate, bias);
       const T* w = unpacked_.data_ptr<T>();
-      if (reads_rows(unpacked_)) {
+      if (reads_rows(unpacked_) && c.rows >= kernel::kMinWeightMajorRows<T> && c.rows <= kernel::kMaxWeightMajorRows) {
+        kernel::weight_major_products<T>(a, w + first_col * unpacked_.stride(0), unpacked_.stride(0), c);
+      } else if (reads_rows(unpacked_)) {
         kernel::dot_products<T>(a, w + first_col * unpacked_.stride(0), unpacked_.stride(0), c);
       } else {
         kernel::rows_times<T>(a, w + first_col * unpacked_.stride(0), unpacked_.stride(1), c);

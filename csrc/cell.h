@@ -46,20 +46,12 @@ struct PackedCell {
   // Or, in a call over few rows, the two biases, added row by row (no tensor op per call).
   Tensor bias_ih, bias_hh;
 
-  static constexpr int64_t kMaxUnpackedRows = 64;
-  // The forward reads unpacked weights by dot products along their rows, each finished by a lane
-  // sum. Packing a weight that fits a core's L2 costs about one pass of its product, so a call
-  // over more than kCachedUnpackedRows rows packs such weights. An LSTMCell step, one thread,
-  // inference, unpacked -> packed: B32 H64 54 -> 30 us, B32 H256 400 -> 266 us, B64 H256 861 ->
-  // 389 us, B16 H256 160 us either way; at H512 (4 MB weights) packing costs more than it saves,
-  // up to B64 (1.2 -> 2.0 ms at B32).
-  static constexpr int64_t kCachedWeightBytes = 1 << 20;
-  static constexpr int64_t kCachedUnpackedRows = 16;
+  // Calls over more rows pack the weights; fewer read them as stored (see PackedWeight).
+  static constexpr int64_t kMaxUnpackedRows = blas::kernel::kMaxWeightMajorRows;
 
   static PackedCell for_forward(const CellParams& p, int64_t rows) {
     const int64_t H = p.hidden_size(), P = p.output_size();
-    const int64_t weight_bytes = std::max(p.w_ih.numel(), p.w_hh.numel()) * p.w_ih.element_size();
-    const bool pack = rows > kMaxUnpackedRows || (weight_bytes <= kCachedWeightBytes && rows > kCachedUnpackedRows);
+    const bool pack = rows > kMaxUnpackedRows;
     PackedCell cell{Weight::rows_of(p.w_ih, 4 * H, pack), Weight::rows_of(p.w_hh, H, pack),
                     p.has_projection() ? std::optional<Weight>(Weight::rows_of(p.w_hr, P, pack)) : std::nullopt};
     if (p.b_ih.defined() && pack) {

@@ -9,8 +9,9 @@ The same cases reach the weight gradients' transposed product (dgatesᵀ·x): mo
 than one depth block (many_rows), more gate rows than one row block (deep_hidden), input and
 hidden sizes that leave a narrow last panel.
 
-Every case runs twice: over a few steps, whose few rows read the weights as stored (dot products
-along the weight's rows forward, its rows as panels backward), and over enough steps to pack them.
+Every case runs twice: over a few steps, whose few rows read the weights as stored (forward as
+cᵀ = W·aᵀ or by dot products along the weight's rows, backward by its rows as panels), and over
+enough steps to pack them.
 """
 
 import pytest
@@ -42,6 +43,26 @@ def test_kernel_edges_match_native(num_threads, dtype, bidirectional, case, pack
     seq_len = max(SEQ_LEN, MAX_UNPACKED_ROWS // batch + 1) if packed else SEQ_LEN
     native, ext = make_lstm_pair(dtype=dtype, bidirectional=bidirectional, **case)
     input = make_input(dtype, seq_len=seq_len, batch=batch, input_size=case["input_size"])
+    assert_matches_native(native, ext, input, make_hx(native, dtype, batch=batch))
+
+
+WEIGHT_MAJOR_CASES = {
+    "ragged_gate_blocks": dict(input_size=300, hidden_size=70),
+    "deep_hidden": dict(input_size=20, hidden_size=264),
+    "projection": dict(input_size=300, hidden_size=70, proj_size=40),
+}
+
+
+@pytest.mark.parametrize("batch", [9, 17, 33, 64])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("case", WEIGHT_MAJOR_CASES.values(), ids=WEIGHT_MAJOR_CASES.keys())
+def test_a_step_of_a_few_dozen_rows_matches_native(num_threads, dtype, case, batch):
+    # One step of 17-64 rows (9-64 in double) multiplies by the unpacked weights as cᵀ = W·aᵀ
+    # (blas.h: weight_major_products): batches that fill part of a panel (32 float / 16 double
+    # lanes), one, and two or more, with gate blocks that are not whole tiles and depths past one
+    # depth block.
+    native, ext = make_lstm_pair(dtype=dtype, bidirectional=True, **case)
+    input = make_input(dtype, seq_len=1, batch=batch, input_size=case["input_size"])
     assert_matches_native(native, ext, input, make_hx(native, dtype, batch=batch))
 
 
