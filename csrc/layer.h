@@ -300,7 +300,8 @@ Matrix<T> at_row(Matrix<T> m, int64_t row) {
 // on 2 threads, the latency shape's 65k-multiply-add step runs 1.25-1.4x faster split; only while
 // another process takes CPU time from the partner thread does one thread win (by ~1.1x).
 constexpr int64_t kMinStepWorkPerThread = 1 << 15;
-// Below this many multiply-adds in a whole direction, starting a second thread does not pay.
+// Below this many multiply-adds in a whole direction, starting a second thread does not pay,
+// unless W_hh is too big for one core's cache (blas::kernel::kSplitWeightBytes).
 constexpr int64_t kMinDirectionWork = 1 << 20;
 
 // How many threads run a layer: directions run concurrently when they are big enough, and each
@@ -309,7 +310,10 @@ constexpr int64_t kMinDirectionWork = 1 << 20;
 template <typename scalar_t>
 int layer_threads(const Steps& steps, int64_t num_directions, int64_t H, int64_t P) {
   const int64_t available = at::get_num_threads();
-  if (!blas::kOwnKernel<scalar_t> || available < 2 || steps.rows() * 4 * H * P < kMinDirectionWork) return 1;
+  const bool big_weight = 4 * H * P * int64_t(sizeof(scalar_t)) >= blas::kernel::kSplitWeightBytes;
+  if (!blas::kOwnKernel<scalar_t> || available < 2 || (steps.rows() * 4 * H * P < kMinDirectionWork && !big_weight)) {
+    return 1;
+  }
   const int64_t per_direction = std::max<int64_t>(1, available / num_directions);
   const int64_t split = std::clamp<int64_t>(steps.max_batch() * 4 * H * P / kMinStepWorkPerThread, 1, per_direction);
   return static_cast<int>(num_directions * split);

@@ -66,6 +66,18 @@ def test_a_step_of_a_few_dozen_rows_matches_native(num_threads, dtype, case, bat
     assert_matches_native(native, ext, input, make_hx(native, dtype, batch=batch))
 
 
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_step_over_a_weight_past_a_cores_cache_matches_native(num_threads, dtype, batch):
+    # Weights of 1 MB or more (blas.h: kSplitWeightBytes): a step of a few rows splits the input
+    # projection, the recurrent product and the weight gradients between threads whatever its
+    # arithmetic, in uneven shares here (260 and 182 units are not whole panels).
+    hidden = 260 if dtype == torch.float32 else 182
+    native, ext = make_lstm_pair(dtype=dtype, input_size=hidden, hidden_size=hidden)
+    input = make_input(dtype, seq_len=1, batch=batch, input_size=hidden)
+    assert_matches_native(native, ext, input, make_hx(native, dtype, batch=batch))
+
+
 @pytest.mark.parametrize("proj_size", [0, 40], ids=["noproj", "proj"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_results_are_bitwise_repeatable(num_threads, dtype, proj_size):
