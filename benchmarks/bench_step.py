@@ -202,7 +202,10 @@ def measure_row(shape: StepShape, mode: str, steps: int, repeats: int, threads: 
             err, worst = compare([f"result {i}" for i in range(len(expected))], run(module, problem, train), expected)
             if not err <= TOLERANCE[shape.dtype]:
                 return {**row, "status": "FAILED", "error": f"{name} {worst} rel err {err:.2e}"}
-        calls = {n: max(1, math.ceil(MIN_SAMPLE_S / time_sample(m, problem, train, 1))) for n, m in contenders.items()}
+        # Calls per sample from the fastest of three single calls: one cold call (its caches and threads
+        # taken over by the contender before it) had sized a call row's samples at a tenth of MIN_SAMPLE_S.
+        calls = {n: max(1, math.ceil(MIN_SAMPLE_S / min(time_sample(m, problem, train, 1) for _ in range(3))))
+                 for n, m in contenders.items()}
         samples = {n: [] for n in contenders}
         order = random.Random(0)
         for _ in range(repeats):

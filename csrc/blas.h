@@ -19,6 +19,7 @@
 #include <cstring>
 #include <memory>
 #include <mutex>
+#include <new>
 #include <numeric>
 #include <vector>
 
@@ -387,6 +388,22 @@ void add_transposed(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T*
   }
 }
 
+// `count` elements of memory kept by the calling thread from call to call (a decoding step
+// allocates nothing), or null where it cannot grow to that: the products run inside the step
+// loop's thread team, where an exception would leave the other members waiting at a barrier.
+template <typename T>
+T* thread_scratch(size_t count) {
+  thread_local std::vector<T> scratch;
+  if (scratch.size() < count) {
+    try {
+      scratch.resize(count);
+    } catch (const std::bad_alloc&) {
+      return nullptr;
+    }
+  }
+  return scratch.data();
+}
+
 // Rows of a product that weight_major_products takes: two float panels, four double ones. Fewer
 // than half a panel leave most lanes idle, and dot products win (an LSTM step at B16 H256, one
 // thread: 130 us by dot products, 190 us weight-major).
@@ -404,17 +421,16 @@ void weight_major_products(Matrix<const T> a, const T* w, int64_t ldw, Matrix<T>
   // Columns of c per pass: cᵀ's block [kChunk, lanes] (24 KB) stays in L1 over every depth block.
   constexpr int64_t kChunk = (24 << 10) / (kMaxLanes * sizeof(T)) / kTileRows * kTileRows;
   const int64_t depth = a.cols, panels = (c.rows + W - 1) / W, lanes = panels * W;
-  // Reused from call to call: a decoding step allocates nothing.
-  thread_local std::vector<T> a_panels;
-  if (a_panels.size() < static_cast<size_t>(panels * depth * W)) a_panels.resize(panels * depth * W);
+  T* a_panels = thread_scratch<T>(panels * depth * W);
+  if (!a_panels) return dot_products<T>(a, w, ldw, c);  // no memory to pack a in; never throws
   for (int64_t q = 0; q < panels; ++q) {
-    pack_panel(a.data + q * W * a.ld, a.ld, int64_t(1), std::min(W, c.rows - q * W), depth, a_panels.data() + q * depth * W);
+    pack_panel(a.data + q * W * a.ld, a.ld, int64_t(1), std::min(W, c.rows - q * W), depth, a_panels + q * depth * W);
   }
   alignas(64) T transposed[kChunk * kMaxLanes];
   for (int64_t n0 = 0; n0 < c.cols; n0 += kChunk) {
     const int64_t n = std::min(kChunk, c.cols - n0);
     for (int64_t k0 = 0; k0 < depth; k0 += kDepthBlock) {
-      tiles<T>(n, lanes, Left<T>::row_major(w + n0 * ldw + k0, ldw), Right<T>::packed(a_panels.data() + k0 * W, depth),
+      tiles<T>(n, lanes, Left<T>::row_major(w + n0 * ldw + k0, ldw), Right<T>::packed(a_panels + k0 * W, depth),
                std::min(kDepthBlock, depth - k0), transposed, lanes, /*add_to_c=*/k0 > 0);
     }
     add_transposed(transposed, lanes, n, c.rows, c.data + n0, c.ld);
