@@ -421,6 +421,7 @@ void weight_major_products(Matrix<const T> a, const T* w, int64_t ldw, Matrix<T>
   // Columns of c per pass: cᵀ's block [kChunk, lanes] (24 KB) stays in L1 over every depth block.
   constexpr int64_t kChunk = (24 << 10) / (kMaxLanes * sizeof(T)) / kTileRows * kTileRows;
   const int64_t depth = a.cols, panels = (c.rows + W - 1) / W, lanes = panels * W;
+  if (depth == 0) return;  // a product of nothing adds nothing (no depth block would write cᵀ's block)
   T* a_panels = thread_scratch<T>(panels * depth * W);
   if (!a_panels) return dot_products<T>(a, w, ldw, c);  // no memory to pack a in; never throws
   for (int64_t q = 0; q < panels; ++q) {

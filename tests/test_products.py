@@ -17,6 +17,8 @@ enough steps to pack them.
 import pytest
 import torch
 
+import lstm_ext
+
 from conftest import assert_matches_native, make_hx, make_input, make_lstm_pair, run_lstm
 
 SEQ_LEN = 4
@@ -64,6 +66,24 @@ def test_a_step_of_a_few_dozen_rows_matches_native(num_threads, dtype, case, bat
     native, ext = make_lstm_pair(dtype=dtype, bidirectional=True, **case)
     input = make_input(dtype, seq_len=1, batch=batch, input_size=case["input_size"])
     assert_matches_native(native, ext, input, make_hx(native, dtype, batch=batch))
+
+
+@pytest.mark.parametrize("batch", [1, 20, 70])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_a_step_of_no_input_features_adds_only_the_biases(num_threads, dtype, batch):
+    # torch.lstm takes an input of no features (nn.LSTM refuses input_size=0): whichever product
+    # its rows take (dot products, weight-major, packed), x·W_ihᵀ adds nothing. A call with
+    # features first leaves its products' scratch memory holding numbers.
+    hidden = 24
+    weights = [torch.randn(4 * hidden, 0, dtype=dtype), torch.randn(4 * hidden, hidden, dtype=dtype),
+               torch.randn(4 * hidden, dtype=dtype), torch.randn(4 * hidden, dtype=dtype)]
+    hx = (torch.randn(1, batch, hidden, dtype=dtype), torch.randn(1, batch, hidden, dtype=dtype))
+    options = (True, 1, 0.0, False, False, False)
+    with_features = [torch.randn(4 * hidden, 5, dtype=dtype), *weights[1:]]
+    lstm_ext.lstm(torch.randn(1, batch, 5, dtype=dtype), hx, with_features, *options)
+    input = torch.randn(1, batch, 0, dtype=dtype)
+    for actual, expected in zip(lstm_ext.lstm(input, hx, weights, *options), torch._VF.lstm(input, hx, weights, *options)):
+        torch.testing.assert_close(actual, expected)
 
 
 @pytest.mark.parametrize("batch", [1, 3])
