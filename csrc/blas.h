@@ -101,6 +101,14 @@ constexpr int64_t kRowBlock = 96;
 // share. An LSTMCell step at B1 H256 (two 1 MB weights), 2 threads: 36 -> 23 us.
 constexpr int64_t kSplitWeightBytes = 1 << 20;
 
+// A parallel loop's grain over `items`: `grain`, or at most an even share per thread when the
+// loop reads or writes `bytes` of weights or more (kSplitWeightBytes).
+inline int64_t split_grain(int64_t grain, int64_t items, int64_t bytes) {
+  if (bytes < kSplitWeightBytes) return grain;
+  const int64_t threads = at::get_num_threads();
+  return std::min(grain, (items + threads - 1) / threads);
+}
+
 // Rows of a product per task when its rows are split between threads: at least ~1M multiply-adds
 // (cols · depth per row), so that small products stay on one thread.
 inline int64_t row_grain(int64_t cols, int64_t depth) {
@@ -450,10 +458,8 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
     columns += p.c.cols;
     panels += panel_count(p.c.cols);
   }
-  int64_t grain = row_grain(columns, a.rows);
-  if (a.cols * columns * int64_t(sizeof(T)) >= kSplitWeightBytes) {  // few rows, written to memory: every thread's share
-    grain = std::min(grain, (a.cols + at::get_num_threads() - 1) / at::get_num_threads());
-  }
+  // Few rows whose gradients fill a big weight: every thread writes its share.
+  const int64_t grain = split_grain(row_grain(columns, a.rows), a.cols, a.cols * columns * int64_t(sizeof(T)));
   at::parallel_for(0, a.cols, grain, [&](int64_t begin, int64_t end) {
     // Sized for the depth there is: a decoding step's few rows need a fraction of a depth block.
     const int64_t max_depth = std::min(kDepthBlock, a.rows);
@@ -645,7 +651,8 @@ class PackedWeight {
         at::parallel_for(0, panels, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, k * W)),
                          [&](int64_t begin, int64_t end) {
           for (int64_t p = begin; p < end; ++p) {
-            kernel::pack_panel(data + first_column(p) * row_stride, row_stride, col_stride, width_of(p), k, out + p * k * W);
+            kernel::pack_panel(data + first_column(p) * row_stride, row_stride, col_stride, width_of(p), k,
+                               out + p * k * W);
           }
         });
       } else {
@@ -695,13 +702,13 @@ class PackedWeight {
       multiply_aten(a, first_col, c, accumulate, bias);
     } else if (!panels_.defined()) {
       start_rows(c, accumulate, bias);
-      const T* w = unpacked_.data_ptr<T>();
+      const T* w = unpacked_.data_ptr<T>() + first_col * unpacked_.stride(0);
       if (reads_rows(unpacked_) && c.rows >= kernel::kMinWeightMajorRows<T> && c.rows <= kernel::kMaxWeightMajorRows) {
-        kernel::weight_major_products<T>(a, w + first_col * unpacked_.stride(0), unpacked_.stride(0), c);
+        kernel::weight_major_products<T>(a, w, unpacked_.stride(0), c);
       } else if (reads_rows(unpacked_)) {
-        kernel::dot_products<T>(a, w + first_col * unpacked_.stride(0), unpacked_.stride(0), c);
+        kernel::dot_products<T>(a, w, unpacked_.stride(0), c);
       } else {
-        kernel::rows_times<T>(a, w + first_col * unpacked_.stride(0), unpacked_.stride(1), c);
+        kernel::rows_times<T>(a, w, unpacked_.stride(1), c);
       }
     } else {
       for (int64_t r = 0; r < c.rows; r += kernel::kRowBlock) {
@@ -720,10 +727,9 @@ class PackedWeight {
       // Few rows: split the columns instead, whole panels of ~1M multiply-adds each, or an even
       // share of a weight too big for one core's cache.
       const int64_t panels = (c.cols + kPanelWidth - 1) / kPanelWidth;
-      int64_t grain = std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, c.rows * kPanelWidth * k_));
-      if (c.cols * k_ * int64_t(sizeof(T)) >= kernel::kSplitWeightBytes) {
-        grain = std::min(grain, (panels + at::get_num_threads() - 1) / at::get_num_threads());
-      }
+      const int64_t grain = kernel::split_grain(
+          std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, c.rows * kPanelWidth * k_)), panels,
+          c.cols * k_ * int64_t(sizeof(T)));
       return at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
         const int64_t col = begin * kPanelWidth, cols = std::min(end * kPanelWidth, c.cols) - col;
         multiply(a, first_col + col, {c.data + col, c.rows, cols, c.ld}, accumulate, bias ? bias + col : nullptr);
