@@ -34,8 +34,11 @@ lstm_ext faster), each the median over repeats of the ratio within one repeat,
 so that a slow spell of the machine (another VM on the same cores) slows both
 sides of a ratio instead of whichever contender it fell on; lstm_ext GFLOP/s
 counting GEMM flops only, 2*4H*(in+H) per token, layer and direction, training
-as 3x forward; and that as a share of this machine's GEMM peak (best 1024^3
-torch.mm before and after the rows, same process and threads).
+as 3x forward; and that as a share of this machine's peak: the FMA throughput of
+the threads' cores at the clock measured in the run (FMA lanes x 2 FMA units x 2
+flops per cycle), or the best torch.mm over a few shapes if that is higher (both
+measured before and after the rows, same process and threads). A share above 100%
+is printed as a warning: the clock or the CPU flags undercounted the machine.
 Per mode: the geometric mean of each ratio. Written to --out as results.json,
 results.md and ratios.png.
 
@@ -45,8 +48,10 @@ results.md and ratios.png.
 """
 
 import argparse
+import ctypes
 import gc
 import math
+import mmap
 import os
 import platform
 import random
@@ -65,7 +70,7 @@ from tqdm import tqdm
 
 from bench_cases import (TOLERANCE, Shape, compare, forward_flops, make_contenders, make_problem,
                          result_names, step)
-from bench_report import geomeans, markdown, plot_ratios, terminal_table, write_json
+from bench_report import geomeans, markdown, peak_text, plot_ratios, terminal_table, write_json
 
 MIN_SAMPLE_S = 5e-3  # one timed sample averages enough calls to last this long
 MAX_CALLS_PER_SAMPLE = 100
@@ -219,16 +224,114 @@ def environment(threads: int, ext_info: str) -> dict:
     }
 
 
-def gemm_peak_gflops(dtype: str, n: int = 1024, repeats: int = 5) -> float:
-    """Best n^3 torch.mm throughput at the current thread count."""
-    a, b = (torch.randn(n, n, dtype=getattr(torch, dtype)) for _ in range(2))
-    out = torch.mm(a, b)
-    best = math.inf
-    for _ in range(repeats):
-        start = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best / 1e9
+# x86-64 SysV: rax = rdi; loop { 100 x `add rax, 1`; dec rdi; jnz loop }; ret.
+# The adds form one dependency chain of latency 1 cycle each on every x86-64 core
+# (a core that folds them only runs faster, so the clock is never underestimated).
+_CHAIN_ADDS = 100
+_CLOCK_CODE = (b"\x48\x89\xf8" + b"\x48\x83\xc0\x01" * _CHAIN_ADDS + b"\x48\xff\xcf"
+               + b"\x0f\x85" + (-(4 * _CHAIN_ADDS + 3 + 6)).to_bytes(4, "little", signed=True) + b"\xc3")
+
+
+def measured_clock_ghz(iterations: int = 50_000, repeats: int = 100) -> tuple:
+    """(GHz, how): the core clock, timed on a chain of dependent adds, else the nominal one.
+
+    Many short samples (~2 ms), the fastest kept: a sample another VM's time slice fell on
+    only reads slower.
+    """
+    if platform.machine() in ("x86_64", "AMD64"):
+        try:
+            code = mmap.mmap(-1, len(_CLOCK_CODE), prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+            code.write(_CLOCK_CODE)
+            chain = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_uint64)(
+                ctypes.addressof(ctypes.c_char.from_buffer(code)))
+            chain(1000)
+            best = math.inf
+            for _ in range(repeats):  # other load only lowers the rate: keep the best
+                start = time.perf_counter()
+                chain(iterations)
+                best = min(best, time.perf_counter() - start)
+            return iterations * _CHAIN_ADDS / best / 1e9, "measured on a chain of dependent adds"
+        except (OSError, ValueError, AttributeError, TypeError):
+            pass
+    mhz = []
+    try:
+        with open("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq") as f:
+            mhz.append(int(f.read()) / 1e3)
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            mhz += [float(line.split(":", 1)[1]) for line in f if line.startswith("cpu MHz")]
+    except (OSError, ValueError):
+        pass
+    return (max(mhz) / 1e3, "nominal, not measured") if mhz else (math.nan, "unknown")
+
+
+def cpu_flags() -> set:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def flops_per_cycle(dtype: str, flags: set) -> float:
+    """Flops one core can retire per cycle in `dtype`: FMA lanes x 2 FMA units x 2 flops.
+
+    An upper bound: two full-width FMA units are assumed even where a core has one, or
+    splits 512-bit work over two 256-bit halves. bfloat16/float16 count the pairwise
+    dot-product instructions (two products per float32 lane) or AMX tiles where the CPU has them.
+    """
+    width_bits = 512 if "avx512f" in flags else 256 if {"avx", "avx2", "fma"} & flags else 128
+    lanes = width_bits // {"float64": 64}.get(dtype, 32)
+    per_cycle = lanes * 2 * 2
+    if dtype == "bfloat16":
+        if "amx_bf16" in flags:
+            return max(per_cycle, 2 * 1024)  # one 16x32 by 32x16 tile product a cycle
+        if {"avx512_bf16", "avx_vnni"} & flags:  # vdpbf16ps: two products per float32 lane
+            return 2 * per_cycle
+    if dtype == "float16":
+        if "amx_fp16" in flags:
+            return max(per_cycle, 2 * 1024)
+        if "avx512_fp16" in flags:
+            return 2 * per_cycle
+    return per_cycle
+
+
+GEMM_SHAPES = ((256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (4096, 256, 1024))  # m, k, n
+
+
+def gemm_best_gflops(dtype: str, repeats: int = 5) -> float:
+    """Best torch.mm throughput over GEMM_SHAPES and repeats, at the current thread count."""
+    best_rate = 0.0
+    for m, k, n in GEMM_SHAPES:
+        a = torch.randn(m, k, dtype=getattr(torch, dtype))
+        b = torch.randn(k, n, dtype=getattr(torch, dtype))
+        out = torch.mm(a, b)
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best_rate = max(best_rate, 2 * m * k * n / (time.perf_counter() - start) / 1e9)
+    return best_rate
+
+
+def machine_peaks(dtypes: list, threads: int, gemm: dict, clock: tuple) -> dict:
+    """Per dtype, the peak that % peak divides by: the FMA throughput of `threads` cores at
+    the measured clock, or the best GEMM measured if that is higher (then the clock or the
+    flags undercounted the machine); with how it was derived."""
+    ghz, how = clock
+    flags = cpu_flags()
+    peaks = {}
+    for d in dtypes:
+        fma = threads * ghz * flops_per_cycle(d, flags)
+        source = "FMA" if fma >= gemm[d] else "best GEMM"
+        peaks[d] = {"gflops": fma if source == "FMA" else gemm[d], "source": source,
+                    "fma_gflops": fma, "flops_per_cycle": flops_per_cycle(d, flags),
+                    "best_gemm_gflops": gemm[d]}
+    return {"clock_ghz": ghz, "clock": how, "threads": threads, "dtypes": peaks}
 
 
 @contextmanager
@@ -328,9 +431,13 @@ def measure_rows(args: argparse.Namespace, contenders: list) -> list:
 
 
 def add_peak_fractions(rows: list, peaks: dict) -> None:
+    """Each row's GFLOP/s as a share of its dtype's peak; a share above 1 is reported, never hidden."""
     for row in rows:
         if row["gflops_lstm_ext"] is not None:
-            row["peak_fraction"] = row["gflops_lstm_ext"] / peaks[row["dtype"]]
+            row["peak_fraction"] = row["gflops_lstm_ext"] / peaks["dtypes"][row["dtype"]]["gflops"]
+            if row["peak_fraction"] > 1:
+                print(f"warning: {row['name']} {row['mode']} runs at {100 * row['peak_fraction']:.1f}% of the"
+                      " peak: the clock or the CPU flags undercount this machine")
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -341,15 +448,17 @@ def run(args: argparse.Namespace) -> dict:
     print(f"torch {env['torch']} | {env['cpu']} | threads {args.threads} | "
           f"load avg {env['load_average_1min_at_start']:.2f} | lstm_ext: {ext_info}")
     dtypes = sorted({s.dtype for s in args.shape_list})
-    peaks_before = {d: gemm_peak_gflops(d) for d in dtypes}
+    clock_before = measured_clock_ghz()
+    gemm_before = {d: gemm_best_gflops(d) for d in dtypes}
     rows = measure_rows(args, make_contenders(ext_lstm))
-    # The better of before and after the rows: a busy machine only ever lowers it.
-    peaks = {d: max(g, gemm_peak_gflops(d)) for d, g in peaks_before.items()}
-    print("GEMM peak (1024^3 mm): " + ", ".join(f"{d} {g:.1f} GFLOP/s" for d, g in peaks.items()))
+    # The better of before and after the rows: a busy machine only ever lowers them.
+    gemm = {d: max(g, gemm_best_gflops(d)) for d, g in gemm_before.items()}
+    peaks = machine_peaks(dtypes, args.threads, gemm, max(clock_before, measured_clock_ghz()))
+    print(peak_text(peaks))
     add_peak_fractions(rows, peaks)
     env["load_average_1min_at_end"] = os.getloadavg()[0]  # high: other load, noisy times
     config = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k != "shape_list"}
-    return {"environment": env, "config": config, "gemm_peak_gflops": peaks, "rows": rows,
+    return {"environment": env, "config": config, "gemm_peak_gflops": gemm, "peak": peaks, "rows": rows,
             "summary": geomeans(rows), "runtime_s": time.perf_counter() - started}
 
 
@@ -359,7 +468,7 @@ def write_reports(payload: dict, out: Path) -> list:
     paths = [out / "results.json", out / "results.md", out / "ratios.png"]
     rows, summary = payload["rows"], payload["summary"]
     write_json(paths[0], payload)
-    paths[1].write_text(markdown(rows, summary, payload["environment"], payload["gemm_peak_gflops"]))
+    paths[1].write_text(markdown(rows, summary, payload["environment"], payload["peak"]))
     plot_ratios(rows, paths[2])
     return paths
 

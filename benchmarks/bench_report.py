@@ -77,21 +77,38 @@ def terminal_table(rows: list, summary: dict) -> str:
     return "\n".join(lines + [""] + _summary_lines(summary))
 
 
-def markdown(rows: list, summary: dict, env: dict, peaks: dict) -> str:
+def peak_text(peak: dict) -> str:
+    """What `% peak` divides by, per dtype, and how it was derived."""
+    parts = []
+    for dtype, p in peak["dtypes"].items():
+        if p["source"] == "FMA":
+            parts.append(f"{dtype} {p['gflops']:.1f} GFLOP/s ({p['flops_per_cycle']:g} flops/cycle/core, best"
+                         f" torch.mm {p['best_gemm_gflops']:.1f})")
+        else:
+            parts.append(f"{dtype} {p['gflops']:.1f} GFLOP/s (best torch.mm, above the FMA estimate"
+                         f" {p['fma_gflops']:.1f})")
+    return (f"Peak for % peak: FMA throughput of {peak['threads']} cores at {peak['clock_ghz']:.2f} GHz"
+            f" ({peak['clock']}) x FMA lanes x 2 FMA units x 2 flops, or the best torch.mm if higher: "
+            + "; ".join(parts) + ".")
+
+
+def markdown(rows: list, summary: dict, env: dict, peak: dict) -> str:
     headers, body = _cells(rows)
-    peak_text = ", ".join(f"{dtype} {gflops:.1f} GFLOP/s" for dtype, gflops in peaks.items())
     lines = [
         "# lstm_ext benchmark",
         "",
         f"torch {env['torch']}, {env['cpu']}, {env['threads']} threads, {env['date']}, 1-min load"
         f" average {env['load_average_1min_at_start']:.2f} -> {env['load_average_1min_at_end']:.2f}.",
-        f"Ratios are contender time / lstm_ext time (> 1: lstm_ext faster). GEMM peak: {peak_text}.",
+        "Ratios are contender time / lstm_ext time (> 1: lstm_ext faster). " + peak_text(peak),
         "",
         "| " + " | ".join(headers) + " |",
         "|" + "|".join("---" for _ in headers) + "|",
     ]
     lines += ["| " + " | ".join(line) + " |" for line in body]
     lines += ["", *(f"- {line}" for line in _summary_lines(summary))]
+    over = [r for r in rows if (r["peak_fraction"] or 0) > 1]
+    lines += [f"- above the peak: {r['name']} {r['mode']} {100 * r['peak_fraction']:.1f}% (the clock or the CPU"
+              " flags undercount this machine)" for r in over]
     failed = [r for r in rows if r["status"] != "ok"]
     lines += [f"- FAILED {r['name']} {r['mode']}: {r['error']}" for r in failed]
     return "\n".join(lines) + "\n"
