@@ -401,14 +401,14 @@ class QuantizedLSTMCell(_Quantized):
                 f"(torch.float32). Convert input: input.to(torch.float32)"
             )
         params, scales = self._flat_params()
-        try:
-            _, hy, cy = _quantized_forward(
-                input.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), params, scales, self.bias, 1, False
-            )
-        except RuntimeError:
-            # ATen's messages for the cell (shapes), checked only when the operator failed.
-            functional._check_cell_args(input, h0, c0, params[0], params[1])
-            raise
+        batch, hidden = input.size(0), self.hidden_size
+        if input.dim() != 2 or input.size(1) != self.input_size or h0.shape != (batch, hidden) or c0.shape != (
+            batch, hidden
+        ):
+            functional._check_cell_args(input, h0, c0, params[0], params[1])  # ATen's messages for the cell
+        _, hy, cy = _quantized_forward(
+            input.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), params, scales, self.bias, 1, False
+        )
         ret = (hy[0], cy[0])
         if not is_batched:
             ret = (ret[0].squeeze(0), ret[1].squeeze(0))
