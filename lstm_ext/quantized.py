@@ -43,13 +43,14 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.rnn import PackedSequence
 
 from . import functional
-
-try:  # the dynamo exporter's flag (torch.onnx.is_in_onnx_export reads it too, see _exporting_to_onnx)
-    from torch.onnx._internal.exporter import _flags as _onnx_flags
-except ImportError:  # pragma: no cover  (another torch)
-    _onnx_flags = None
 from .modules import LSTM as _ExtLSTM
 from .modules import LSTMCell as _ExtLSTMCell
+
+try:  # the flags behind torch.onnx.is_in_onnx_export(), see _exporting_to_onnx
+    from torch.onnx._internal.exporter import _flags as _onnx_flags
+    from torch.onnx._internal.torchscript_exporter._globals import GLOBALS as _onnx_globals
+except ImportError:  # pragma: no cover  (another torch: is_in_onnx_export() alone)
+    _onnx_flags = _onnx_globals = None
 
 _OP_NAME = "lstm_ext::quantized_forward"
 
@@ -69,10 +70,16 @@ _FLOAT16_MAX = torch.finfo(torch.float16).max
 
 
 def _exporting_to_onnx():
-    """torch.onnx.is_in_onnx_export(), also where torch.compile's tracer reads it: the dynamo ONNX
-    exporter also captures the model with torch.export's strict (dynamo) tracer, which takes
-    is_in_onnx_export() for the constant False; the flag behind it, read here, it reads as it is."""
-    return torch.onnx.is_in_onnx_export() or bool(getattr(_onnx_flags, "_is_onnx_exporting", False))
+    """torch.onnx.is_in_onnx_export(), read from its flags, without its two imports per call. Traced
+    by dynamo, only the dynamo exporter's flag, a module global that dynamo reads as it is: the
+    dynamo ONNX exporter also captures the model with torch.export's strict (dynamo) tracer, which
+    takes is_in_onnx_export() for the constant False (and the TorchScript exporter's flag is a
+    property dynamo does not trace)."""
+    if _onnx_flags is None:
+        return torch.onnx.is_in_onnx_export()
+    if torch.compiler.is_compiling():
+        return _onnx_flags._is_onnx_exporting
+    return _onnx_globals.in_onnx_export or _onnx_flags._is_onnx_exporting
 
 
 def _quantization_dtype(dtype, who="lstm_ext.quantize_dynamic"):
