@@ -724,6 +724,20 @@ def test_backward_raises(what, dtype):
     assert torch.equal(flat(plain), flat(result).detach())
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_autocast_runs_in_float32(dtype):
+    """Under CPU autocast a bfloat16 input (from the layer before) is taken as float32; outputs are float32."""
+    qmodule = lstm_ext.quantize_dynamic(float_lstm(), dtype)
+    qcell = lstm_ext.quantize_dynamic(float_cell(), dtype)
+    x = torch.randn(STEPS, BATCH, INPUT).bfloat16()
+    with torch.no_grad():
+        expected = (qmodule(x.float()), qcell(x[0].float()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = (qmodule(x), qcell(x[0]))
+    assert all(t.dtype == torch.float32 for t in (got[0][0], *got[0][1], *got[1]))
+    assert torch.equal(flat(got), flat(expected))
+
+
 # ---- validation: native's errors -------------------------------------------------------------------
 
 
