@@ -118,7 +118,7 @@ def _half_weight(weight: Tensor) -> Tensor:
             stacklevel=4,
         )
         weight = weight.clamp(-_FLOAT16_MAX, _FLOAT16_MAX)
-    return weight.to(torch.float16).clone()
+    return weight.to(torch.float16).clone(memory_format=torch.contiguous_format)
 
 
 def _dtype_of_qconfig(mod):
@@ -189,13 +189,13 @@ class _Quantized(nn.Module):
             else:
                 self.register_buffer(name, torch.zeros(shape))
 
-    def _set_weights(self, float_weights):
-        """Quantizes ``{name: float tensor}`` into the buffers."""
+    def _set_weights(self, mod):
+        """Quantizes the float module's weights (parametrized or not) into the buffers."""
         with torch.no_grad():
             for name in self._flat_weights_names:
-                weight = float_weights[name]
+                weight = getattr(mod, name)
                 if not _is_weight(name):
-                    self._buffers[name] = weight.detach().to(torch.float32).clone()
+                    self._buffers[name] = weight.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
                 elif self.dtype == torch.qint8:
                     self._buffers[name], self._buffers[name + "_scale"] = quantize_weight(weight)
                 else:
@@ -216,15 +216,8 @@ class _Quantized(nn.Module):
                 self._buffers[name] = old.to(device=new.device)
         return self
 
-    def _get_name(self):
-        return type(self).__name__
-
     def _quantization_repr(self):
         return f"dtype={self.dtype}"
-
-    @classmethod
-    def _float_weights(cls, mod, names):
-        return {name: getattr(mod, name) for name in names}
 
 
 class QuantizedLSTM(_Quantized):
@@ -268,7 +261,7 @@ class QuantizedLSTM(_Quantized):
         dtype = _dtype_of_qconfig(mod) if dtype is None else _quantization_dtype(dtype)
         quantized = cls(mod.input_size, mod.hidden_size, mod.num_layers, mod.bias, mod.batch_first, mod.dropout,
                         mod.bidirectional, mod.proj_size, dtype=dtype)
-        quantized._set_weights(cls._float_weights(mod, quantized._flat_weights_names))
+        quantized._set_weights(mod)
         return quantized
 
     def check_input(self, input: Tensor, batch_sizes: Tensor | None) -> None:
@@ -380,7 +373,7 @@ class QuantizedLSTMCell(_Quantized):
         _check_plain(mod, "")
         dtype = _dtype_of_qconfig(mod) if dtype is None else _quantization_dtype(dtype)
         quantized = cls(mod.input_size, mod.hidden_size, mod.bias, dtype=dtype)
-        quantized._set_weights(cls._float_weights(mod, quantized._flat_weights_names))
+        quantized._set_weights(mod)
         return quantized
 
     def forward(self, input, hx=None):

@@ -451,6 +451,33 @@ def test_float16_weights():
         assert state[name].dtype == expected.dtype and torch.equal(state[name], expected), name
 
 
+def test_float16_saturates_with_a_warning():
+    module = float_lstm()
+    with torch.no_grad():
+        module.weight_ih_l0[0, 0] = 1e6
+    with pytest.warns(RuntimeWarning, match="saturate"):
+        state = lstm_ext.quantize_dynamic(module, torch.float16).state_dict()
+    assert state["weight_ih_l0"][0, 0].item() == torch.finfo(torch.float16).max
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_parametrized_lstm(dtype):
+    """A parametrized nn.LSTM (weight norm) is replaced too, with the weights its parametrization makes."""
+    module = float_lstm()
+    torch.nn.utils.parametrizations.weight_norm(module, "weight_hh_l0")
+    with torch.no_grad():
+        module.parametrizations.weight_hh_l0.original0.mul_(2)  # the made weight != the stored original1
+        effective = module.weight_hh_l0.clone()
+    qmodule = lstm_ext.quantize_dynamic(nn.Sequential(module), dtype)[0]
+    assert type(qmodule) is quantized.LSTM
+    tolerance = 1e-3 * effective.abs().max().item() if dtype == torch.float16 else None
+    got = dequantized(qmodule)["weight_hh_l0"].float()
+    if tolerance is None:  # int8: within half a step of each row's scale
+        tolerance = (qmodule.weight_hh_l0_scale[:, None] / 2 * (1 + 1e-5)).expand_as(got)
+    assert torch.all((got - effective).abs() <= tolerance)
+    check_against_reference(qmodule, "dense_hx", dtype)
+
+
 def test_state_dict_names():
     module = float_lstm(num_layers=2, bidirectional=True, proj_size=PROJ)
     int8 = lstm_ext.quantize_dynamic(module, torch.int8).state_dict()
