@@ -21,6 +21,26 @@ Correctness comes first: each contender's outputs (and gradients) must match
 native_default to max|diff| / max|native| <= 1e-4 (float32) or 1e-9 (float64).
 A row that does not is marked FAILED, is not timed, and makes the exit status 1.
 
+bfloat16 and float16 rows (--dtype bfloat16 / float16, the --reduced grid) time,
+on seeded values rounded to that dtype:
+
+  lstm_ext        lstm_ext.lstm in that dtype (the reference of the ratios)
+  native_default  torch._VF.lstm in that dtype: oneDNN where it runs, else ATen's
+                  loop; where oneDNN raises ("could not create a primitive
+                  descriptor", CPUs without AVX-512 BF16/FP16), ATen's loop with
+                  oneDNN switched off. The row's `native ran` says which ran
+                  (detected by profiling one call), and a note says when oneDNN refused.
+  aten_loop       only where native_default ran oneDNN (else it is the same loop)
+  cell_loop       as above, in that dtype
+  lstm_ext_f32    lstm_ext in float32 on the same values widened (weights, input,
+                  state): its ratio lstm_ext_f32 / lstm_ext is what the narrow type
+                  gains (> 1) or loses (< 1)
+
+and give each contender's max relative error against native float32 on the same
+(rounded) values. lstm_ext must be within 5e-2 (bfloat16) or 1e-2 (float16) of
+it and lstm_ext_f32 within 1e-4, or the row FAILED; the other contenders' errors
+are reported (a note when above that bound), not checked.
+
 Timing: every contender runs at the same thread count (printed and recorded).
 After warm-up, each repeat times every contender once, round-robin in a
 seeded random order (so no contender always follows the same one). A sample
@@ -39,12 +59,15 @@ the threads' cores at the clock measured in the run (FMA lanes x 2 FMA units x 2
 flops per cycle), or the best torch.mm over a few shapes if that is higher (both
 measured before and after the rows, same process and threads). A share above 100%
 is printed as a warning: the clock or the CPU flags undercounted the machine.
-Per mode: the geometric mean of each ratio. Written to --out as results.json,
-results.md and ratios.png.
+Per mode (and per mode and dtype for bfloat16/float16 rows): the geometric mean
+of each ratio. Written to --out as results.json, results.md (headed by the
+command, commit, CPU and date) and ratios.png.
 
     python benchmarks/bench.py                 # quick grid, < 3 min on 2 cores
     python benchmarks/bench.py --full --mode training --dtype float32
     python benchmarks/bench.py --shapes large,speech --repeats 5
+    python benchmarks/bench.py --reduced       # bfloat16 and float16 rows, issue 25's shapes
+    python benchmarks/bench.py --reduced --dtype bfloat16 --mode inference
 """
 
 import argparse
@@ -55,7 +78,9 @@ import mmap
 import os
 import platform
 import random
+import shlex
 import statistics
+import subprocess
 import sys
 import time
 import warnings
@@ -68,8 +93,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from bench_cases import (TOLERANCE, Shape, compare, forward_flops, make_contenders, make_problem,
-                         result_names, step)
+from torch import _VF
+
+from bench_cases import (ONEDNN_REFUSAL, REDUCED, TOLERANCE, FunctionalLSTM, Shape, Widened, compare,
+                         forward_flops, make_contenders, make_problem, native_engine, result_names, step)
 from bench_report import geomeans, markdown, peak_text, plot_ratios, terminal_table, write_json
 
 MIN_SAMPLE_S = 5e-3  # one timed sample averages enough calls to last this long
@@ -92,12 +119,24 @@ SMALL = Shape("small", 50, 16, 128, 128, cell_loop=True)
 LATENCY = Shape("latency", 20, 4, 64, 64, cell_loop=True)
 BATCH1 = Shape("batch1", 200, 1, 256, 256, cell_loop=True)
 PACKED_SMALL = Shape("packed_small", 50, 16, 64, 64, packed=True, cell_loop=True)
-# What autocast runs: native in the same dtype is the reference.
-REDUCED_PRECISION = tuple(
-    replace(shape, name=f"{shape.name}_{suffix}", dtype=dtype)
-    for dtype, suffix in (("bfloat16", "bf16"), ("float16", "f16"))
-    for shape in (SMALL, LATENCY, BATCH1)
-)
+LARGE = Shape("large", 100, 64, 512, 512)
+WIDE = Shape("wide", 35, 32, 256, 1024)
+STEP_1024 = Shape("step_1024", 1, 1, 1024, 1024)  # a decoding step, bound by reading the weights
+STEP_B8 = Shape("step_b8", 1, 8, 256, 256)
+# The shapes of issues 25 (bfloat16/float16) and 26 (quantization): whole sequences and decoding steps.
+ISSUE_SHAPES = (LARGE, WIDE, SMALL, BATCH1, STEP_1024, STEP_B8)
+
+
+SUFFIX = {"bfloat16": "bf16", "float16": "f16"}
+
+
+def reduced(shape: Shape, dtype: str) -> Shape:
+    """`shape` in bfloat16 or float16, named <name>_bf16 / <name>_f16."""
+    return replace(shape, name=f"{shape.name}_{SUFFIX[dtype]}", dtype=dtype)
+
+
+# What autocast runs: bfloat16/float16 rows against native in the same dtype and lstm_ext float32.
+REDUCED_PRECISION = tuple(reduced(shape, dtype) for dtype in REDUCED for shape in (*ISSUE_SHAPES, LATENCY))
 
 GRIDS = {
     "tiny": with_padded_twins((
@@ -105,6 +144,8 @@ GRIDS = {
         Shape("tiny_bidir2", 5, 3, 8, 6, layers=2, bidirectional=True, cell_loop=True),
         Shape("tiny_f64", 5, 3, 8, 8, dtype="float64", cell_loop=True),
         Shape("tiny_packed", 6, 4, 8, 8, bidirectional=True, packed=True, cell_loop=True),
+        Shape("tiny_bf16", 5, 3, 8, 8, dtype="bfloat16", cell_loop=True),
+        Shape("tiny_f16", 1, 2, 8, 8, dtype="float16"),
     )),
     "quick": with_padded_twins((
         LATENCY,
@@ -115,14 +156,18 @@ GRIDS = {
         replace(SMALL, name="small_f64", dtype="float64"),
         PACKED_SMALL,
         Shape("quick_packed_bidir", 50, 32, 128, 128, bidirectional=True, packed=True),
+        reduced(LATENCY, "bfloat16"),  # the issue's heavier shapes are in --reduced and --full
+        reduced(STEP_B8, "bfloat16"),
     )),
     "full": with_padded_twins((
-        Shape("large", 100, 64, 512, 512),
+        LARGE,
         Shape("bidir", 100, 64, 512, 256, bidirectional=True),
         SMALL,
         LATENCY,
         BATCH1,
-        Shape("wide", 35, 32, 256, 1024),
+        WIDE,
+        STEP_1024,
+        STEP_B8,
         Shape("speech", 512, 32, 80, 256, layers=3, bidirectional=True),
         replace(SMALL, name="small_f64", dtype="float64"),
         replace(LATENCY, name="latency_f64", dtype="float64"),
@@ -133,9 +178,10 @@ GRIDS = {
         PACKED_SMALL,
         Shape("packed_long_bidir", 200, 8, 128, 128, bidirectional=True, packed=True),
     )),
+    "reduced": REDUCED_PRECISION,
 }
 ALL_SHAPES = {s.name: s for grid in GRIDS.values() for s in grid}
-DEFAULT_REPEATS = {"tiny": 3, "quick": 11, "full": 7}
+DEFAULT_REPEATS = {"tiny": 3, "quick": 11, "full": 7, "reduced": 7}
 
 
 def positive_int(text: str) -> int:
@@ -164,6 +210,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=positive_int, metavar="N",
                         help=f"timed samples per contender (default: {default_repeats})")
     args = parser.parse_args(argv)
+    args.command = command_line(__file__, sys.argv[1:] if argv is None else argv)
     args.shape_list = select_shapes(parser, args)
     args.repeats = args.repeats or DEFAULT_REPEATS[args.grid]
     return args
@@ -182,6 +229,34 @@ def select_shapes(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
     if not shapes:
         parser.error("no shapes left to run")
     return shapes
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def command_line(script: str, argv: list) -> str:
+    """How this run was started, as a shell command from the repository root."""
+    try:
+        script = os.path.relpath(script, REPO)
+    except ValueError:
+        pass
+    return shlex.join(["python", script, *map(str, argv)])
+
+
+def git_commit() -> str:
+    """HEAD's hash, and which tracked files differ from it (the extension may be built from those)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=10).stdout
+
+    try:
+        commit = git("rev-parse", "--short=12", "HEAD").strip() or "unknown"
+        dirty = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (git not available)"
+    if dirty:
+        more = f" and {len(dirty) - 6} more" if len(dirty) > 6 else ""
+        commit += f" + uncommitted changes in {', '.join(dirty[:6])}{more}"
+    return commit
 
 
 def load_ext_lstm() -> tuple:
@@ -209,8 +284,10 @@ def cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def environment(threads: int, ext_info: str) -> dict:
+def environment(threads: int, ext_info: str, command: str | None = None) -> dict:
     return {
+        "command": command or command_line(sys.argv[0], sys.argv[1:]),
+        "commit": git_commit(),
         "date": datetime.now().astimezone().isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -302,12 +379,21 @@ def flops_per_cycle(dtype: str, flags: set) -> float:
 
 
 GEMM_SHAPES = ((256, 256, 256), (512, 512, 512), (1024, 1024, 1024), (4096, 256, 1024))  # m, k, n
+GEMM_BUDGET_S = 2.0
 
 
 def gemm_best_gflops(dtype: str, repeats: int = 5) -> float:
-    """Best torch.mm throughput over GEMM_SHAPES and repeats, at the current thread count."""
-    best_rate = 0.0
+    """Best torch.mm throughput over GEMM_SHAPES and repeats, at the current thread count.
+
+    A shape whose calls would take the dtype past GEMM_BUDGET_S at the best rate so far is
+    skipped: without bfloat16/float16 instructions torch.mm runs those at ~1 GFLOP/s (1.5 s
+    a 1024^3 product), where the FMA estimate is the peak anyway.
+    """
+    best_rate, started = 0.0, time.perf_counter()
     for m, k, n in GEMM_SHAPES:
+        expected_s = (repeats + 1) * 2 * m * k * n / (best_rate * 1e9) if best_rate else 0.0
+        if time.perf_counter() - started + expected_s > GEMM_BUDGET_S:
+            continue
         a = torch.randn(m, k, dtype=getattr(torch, dtype))
         b = torch.randn(k, n, dtype=getattr(torch, dtype))
         out = torch.mm(a, b)
@@ -366,17 +452,28 @@ def calls_per_sample(contender, problem, train: bool) -> int:
     return max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(MIN_SAMPLE_S / seconds)))
 
 
-def check_row(problem, train: bool, contenders: list) -> tuple:
-    """Compare every contender with native_default (first warm-up call).
+CHECKED_REDUCED = ("lstm_ext", "lstm_ext_f32")  # on reduced rows, the contenders an error fails
 
-    Returns ({contender: worst relative error}, failure message or None).
+
+def error_reference(shape: Shape) -> str:
+    return "native float32 on the same values" if shape.dtype in REDUCED else REFERENCE
+
+
+def check_row(problem, train: bool, contenders: list) -> tuple:
+    """Compare every contender with native_default (first warm-up call), or on bfloat16/float16 rows
+    every contender with native float32 on the same values widened.
+
+    Returns ({contender: worst relative error}, failure message or None, notes).
     """
     names = result_names(problem, train)
-    expected = run_once(next(c for c in contenders if c.name == REFERENCE), problem, train)
-    tol = TOLERANCE[problem.shape.dtype]
-    errors, failures = {}, []
+    reduced_row = problem.shape.dtype in REDUCED
+    if reduced_row:
+        expected = run_once(FunctionalLSTM("native_float32", _VF.lstm), problem.float32, train)
+    else:
+        expected = run_once(next(c for c in contenders if c.name == REFERENCE), problem, train)
+    errors, failures, notes = {}, [], []
     for contender in contenders:
-        if contender.name == REFERENCE:
+        if contender.name == REFERENCE and not reduced_row:
             continue
         try:
             actual = run_once(contender, problem, train)
@@ -385,22 +482,53 @@ def check_row(problem, train: bool, contenders: list) -> tuple:
             continue
         err, worst = compare(names, actual, expected)
         errors[contender.name] = err
-        if not err <= tol:
-            failures.append(f"{contender.name} {worst} rel err {err:.2e} > {tol:.0e}")
-    return errors, "; ".join(failures) or None
+        tol = TOLERANCE["float32" if isinstance(contender, Widened) else problem.shape.dtype]
+        if err <= tol:
+            continue
+        message = f"{contender.name} {worst} rel err {err:.2e} > {tol:.0e}"
+        if reduced_row and contender.name not in CHECKED_REDUCED:
+            notes.append(f"{message} against float32 (reported, not checked)")
+        else:
+            failures.append(message)
+    return errors, "; ".join(failures) or None, notes
+
+
+def row_contenders(contenders: list, problem, train: bool) -> tuple:
+    """The contenders of this row, how native_default ran (native_engine's label) and notes.
+
+    Where native's oneDNN refuses the row's dtype, native_default is timed as its ATen loop with oneDNN
+    off (the aten_loop contender's computation, then not timed twice); on bfloat16/float16 rows where
+    native ran ATen's loop by itself, aten_loop is left out for the same reason.
+    """
+    shape = problem.shape
+    active = [c for c in contenders if c.applies(shape)]
+    mkldnn, engine = native_engine(problem, train)
+    notes = []
+    if not mkldnn:
+        active = [FunctionalLSTM(REFERENCE, _VF.lstm, mkldnn=False) if c.name == REFERENCE else c
+                  for c in active if c.name != "aten_loop"]
+        notes.append(f"oneDNN refused {shape.dtype} ({ONEDNN_REFUSAL}): native_default is ATen's loop, oneDNN off")
+    elif engine != "oneDNN" and shape.dtype in REDUCED:
+        active = [c for c in active if c.name != "aten_loop"]
+    return active, engine, notes
 
 
 def measure_row(shape: Shape, mode: str, contenders: list, repeats: int) -> dict:
     train = mode == "training"
     problem = make_problem(shape)
-    active = [c for c in contenders if c.applies(shape)]
     flops = forward_flops(shape, problem.tokens) * (TRAINING_FLOP_FACTOR if train else 1)
     row = {**asdict(shape), "dims": shape.describe(), "mode": mode, "tokens": problem.tokens,
-           "gflop": flops / 1e9, "status": "ok", "error": None, "max_rel_error": {},
+           "gflop": flops / 1e9, "status": "ok", "error": None, "native_engine": None,
+           "error_reference": error_reference(shape), "max_rel_error": {}, "notes": [],
            "time_ms": {}, "calls_per_sample": {}, "ratios": {}, "gflops_lstm_ext": None,
            "peak_fraction": None}
     with gc_disabled():
-        row["max_rel_error"], failure = check_row(problem, train, active)
+        try:
+            active, row["native_engine"], row["notes"] = row_contenders(contenders, problem, train)
+        except Exception as exc:  # native itself raising fails the row, not the run
+            return {**row, "status": "FAILED", "error": f"native_default raised {type(exc).__name__}: {exc}"}
+        row["max_rel_error"], failure, notes = check_row(problem, train, active)
+        row["notes"] += notes
         if failure:
             return {**row, "status": "FAILED", "error": failure}
         n_calls = {c.name: calls_per_sample(c, problem, train) for c in active}
@@ -444,7 +572,7 @@ def run(args: argparse.Namespace) -> dict:
     """Measure the GEMM peak and every row; return the JSON payload."""
     started = time.perf_counter()
     ext_lstm, ext_info = load_ext_lstm()
-    env = environment(args.threads, ext_info)
+    env = environment(args.threads, ext_info, args.command)
     print(f"torch {env['torch']} | {env['cpu']} | threads {args.threads} | "
           f"load avg {env['load_average_1min_at_start']:.2f} | lstm_ext: {ext_info}")
     dtypes = sorted({s.dtype for s in args.shape_list})
@@ -488,6 +616,8 @@ def main(argv=None) -> int:
     rows, env = payload["rows"], payload["environment"]
     print(terminal_table(rows, payload["summary"]))
     for row in rows:
+        for note in row["notes"]:
+            print(f"note {row['name']} {row['mode']}: {note}")
         if row["status"] != "ok":
             print(f"FAILED {row['name']} {row['mode']}: {row['error']}")
     print(f"runtime {payload['runtime_s']:.1f} s, load avg {env['load_average_1min_at_start']:.2f}"

@@ -9,7 +9,9 @@ can reuse anything (e.g. packed weights) computed for another call.
 
 import contextlib
 import math
-from dataclasses import dataclass
+import warnings
+from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Callable
 
 import torch
@@ -18,6 +20,10 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 # bfloat16 and float16 against native in the same dtype: a few roundings of an 8 (11) bit mantissa apart.
 TOLERANCE = {"float32": 1e-4, "float64": 1e-9, "bfloat16": 5e-2, "float16": 1e-2}
+# Reduced-precision rows: every contender is compared with native float32 on the same (rounded) values.
+REDUCED = ("bfloat16", "float16")
+# What native's oneDNN raises for an LSTM it has no kernel for (bfloat16/float16 on CPUs without AVX-512 BF16/FP16).
+ONEDNN_REFUSAL = "could not create a primitive descriptor"
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,14 @@ class Problem:
     def tokens(self) -> int:
         return self.x.shape[0] if self.batch_sizes is not None else self.shape.T * self.shape.B
 
+    @cached_property
+    def float32(self) -> "Problem":
+        """The same values widened to float32 (exactly: the bfloat16/float16-rounded weights and inputs)."""
+        wide = lambda t: t.float()  # noqa: E731
+        return replace(self, shape=replace(self.shape, dtype="float32"), x=wide(self.x), h0=wide(self.h0),
+                       c0=wide(self.c0), weights=[wide(w) for w in self.weights],
+                       loss_weights=tuple(map(wide, self.loss_weights)))
+
 
 @dataclass
 class Call:
@@ -74,6 +88,7 @@ class Call:
 
     forward: Callable[[], tuple]
     leaves: list
+    loss_weights: tuple | None = None  # the problem's, unless the call runs on other values (Widened)
 
 
 def make_problem(shape: Shape, seed: int = 0) -> Problem:
@@ -178,6 +193,49 @@ class CellLoop(Contender):
         return Call(lambda: cell_loop(x, problem.h0, problem.c0, cells, s), leaves)
 
 
+class Widened(Contender):
+    """A contender run on the reduced-precision problem's values widened to float32 (reduced rows only):
+    "lstm_ext float32 on the same values", whose time over lstm_ext's in the reduced dtype is the cost or
+    gain of the narrow type."""
+
+    def __init__(self, name: str, inner: Contender):
+        self.name = name
+        self.inner = inner
+
+    def applies(self, shape: Shape) -> bool:
+        return shape.dtype in REDUCED and self.inner.applies(shape)
+
+    def context(self):
+        return self.inner.context()
+
+    def make_call(self, problem: Problem, train: bool) -> Call:
+        wide = problem.float32
+        call = self.inner.make_call(wide, train)
+        return replace(call, loss_weights=wide.loss_weights)
+
+
+def native_engine(problem: Problem, train: bool) -> tuple:
+    """(mkldnn, label): how native torch._VF.lstm runs `problem` when called as by default.
+
+    It runs once, under the legacy autograd profiler: "oneDNN" if it called aten::mkldnn_rnn_layer,
+    else "ATen loop" (ATen picks its own loop for float64, packed input, and bfloat16/float16 where
+    oneDNN has no kernel for them). Where oneDNN raises instead (ONEDNN_REFUSAL), native is its ATen loop
+    with oneDNN switched off: (False, "oneDNN refused: ATen loop").
+    """
+    call = FunctionalLSTM("native_default", _VF.lstm).make_call(problem, train)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autograd.profiler_legacy.profile() as prof, torch.inference_mode(not train):
+                step(call, train, problem.loss_weights)
+    except RuntimeError as exc:
+        if ONEDNN_REFUSAL not in str(exc):
+            raise
+        return False, "oneDNN refused: ATen loop"
+    ran = {event.name for event in prof.function_events}
+    return True, "oneDNN" if any(name.startswith("aten::mkldnn_rnn") for name in ran) else "ATen loop"
+
+
 def make_cell(in_size: int, hidden: int, weights: list, requires_grad: bool) -> nn.LSTMCell:
     """An nn.LSTMCell holding copies of (w_ih, w_hh, b_ih, b_hh)."""
     cell = nn.utils.skip_init(nn.LSTMCell, in_size, hidden, dtype=weights[0].dtype)
@@ -208,12 +266,15 @@ def cell_loop(x: Tensor, h0: Tensor, c0: Tensor, cells: list, s: Shape) -> tuple
 
 
 def make_contenders(ext_lstm: Callable) -> list:
-    """lstm_ext first (the reference for ratios), then native default, ATen loop, cell loop."""
+    """lstm_ext first (the reference for ratios), then native default, ATen loop, cell loop, and on
+    reduced-precision rows lstm_ext on the values widened to float32."""
+    ext = FunctionalLSTM("lstm_ext", ext_lstm)
     return [
-        FunctionalLSTM("lstm_ext", ext_lstm),
+        ext,
         FunctionalLSTM("native_default", _VF.lstm),
         FunctionalLSTM("aten_loop", _VF.lstm, mkldnn=False),
         CellLoop(),
+        Widened("lstm_ext_f32", ext),
     ]
 
 
@@ -225,6 +286,8 @@ def step(call: Call, train: bool, loss_weights: tuple) -> list:
     outputs = call.forward()
     if not train:
         return list(outputs)
+    if call.loss_weights is not None:
+        loss_weights = call.loss_weights
     loss = sum((out * w).sum() for out, w in zip(outputs, loss_weights))
     grads = torch.autograd.grad(loss, call.leaves)
     return [out.detach() for out in outputs] + list(grads)

@@ -19,8 +19,10 @@ import bench_cells  # noqa: E402
 import bench_step  # noqa: E402
 
 ROW_FIELDS = {"name", "dims", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional",
-              "packed", "tokens", "gflop", "status", "error", "max_rel_error", "time_ms",
-              "calls_per_sample", "ratios", "gflops_lstm_ext", "peak_fraction"}
+              "packed", "tokens", "gflop", "status", "error", "native_engine", "error_reference",
+              "max_rel_error", "notes", "time_ms", "calls_per_sample", "ratios", "gflops_lstm_ext",
+              "peak_fraction"}
+NATIVE_ENGINES = {"oneDNN", "ATen loop", "oneDNN refused: ATen loop"}
 
 
 def test_tiny_benchmark_writes_reports(tmp_path):
@@ -31,25 +33,54 @@ def test_tiny_benchmark_writes_reports(tmp_path):
     assert status == 0 and not failed, failed
 
     env = payload["environment"]
-    assert {"torch", "cpu", "threads", "date"} <= env.keys()
-    assert env["threads"] == 1
-    assert set(payload["gemm_peak_gflops"]) == {"float32", "float64"}
-    assert set(payload["summary"]) == {"inference", "training"}
+    assert {"command", "commit", "torch", "cpu", "threads", "date"} <= env.keys()
+    assert env["threads"] == 1 and env["command"].startswith("python benchmarks/bench.py --tiny")
+    assert set(payload["gemm_peak_gflops"]) == {"float32", "float64", "bfloat16", "float16"}
+    assert set(payload["summary"]) == {f"{m}{d}" for m in ("inference", "training")
+                                       for d in ("", " bfloat16", " float16")}
 
     rows = payload["rows"]
     assert {(r["name"], r["mode"]) for r in rows} == {
         (s.name, m) for s in bench.GRIDS["tiny"] for m in ("inference", "training")}
     assert any(r["packed"] for r in rows) and any(r["bidirectional"] for r in rows)
+    assert {r["dtype"] for r in rows} == {"float32", "float64", "bfloat16", "float16"}
     for row in rows:
         assert ROW_FIELDS <= row.keys()
-        assert {"lstm_ext", "native_default", "aten_loop"} <= row["time_ms"].keys()
-        assert {"native_default", "aten_loop"} <= row["ratios"].keys()
+        assert row["native_engine"] in NATIVE_ENGINES
         assert row["gflops_lstm_ext"] > 0 and row["peak_fraction"] > 0
-        assert ("cell_loop" in row["time_ms"]) == (not row["packed"])
+        assert ("cell_loop" in row["time_ms"]) == (not row["packed"] and row["name"] != "tiny_f16")
+        if row["dtype"] in ("bfloat16", "float16"):
+            # Against native float32 on the same values: lstm_ext, native in that dtype, lstm_ext float32.
+            assert row["error_reference"] == "native float32 on the same values"
+            assert {"lstm_ext", "native_default", "lstm_ext_f32"} <= row["time_ms"].keys()
+            assert {"native_default", "lstm_ext_f32"} <= row["ratios"].keys()
+            assert {"lstm_ext", "native_default", "lstm_ext_f32"} <= row["max_rel_error"].keys()
+            assert row["max_rel_error"]["lstm_ext_f32"] <= 1e-4
+            assert ("aten_loop" in row["time_ms"]) == (row["native_engine"] == "oneDNN")
+        else:
+            assert row["error_reference"] == "native_default"
+            assert {"lstm_ext", "native_default", "aten_loop"} <= row["time_ms"].keys()
+            assert {"native_default", "aten_loop"} <= row["ratios"].keys()
+            assert "lstm_ext_f32" not in row["time_ms"]
 
     md = (tmp_path / "results.md").read_text()
     assert md.startswith("# lstm_ext benchmark") and "| shape |" in md and "geomean" in md
+    assert "Command: `python benchmarks/bench.py --tiny" in md and "Commit: " in md and "CPU: " in md
+    assert "## bfloat16 / float16" in md and "| native ran |" in md and "| err ext |" in md
+    assert "| ext f32/ext |" in md
     assert (tmp_path / "ratios.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_reduced_row_where_onednn_refuses_times_the_aten_loop(monkeypatch):
+    """Where native's oneDNN raises for the dtype (CPUs without AVX-512 BF16), native_default is timed
+    with oneDNN off, labelled, and aten_loop (the same computation) is not timed twice."""
+    monkeypatch.setattr(bench, "native_engine", lambda problem, train: (False, "oneDNN refused: ATen loop"))
+    ext_lstm, _ = bench.load_ext_lstm()
+    row = bench.measure_row(bench.ALL_SHAPES["tiny_f16"], "inference", bench.make_contenders(ext_lstm), 1)
+    assert row["status"] == "ok", row["error"]
+    assert row["native_engine"] == "oneDNN refused: ATen loop"
+    assert any("oneDNN refused float16" in note for note in row["notes"])
+    assert set(row["time_ms"]) == {"lstm_ext", "native_default", "lstm_ext_f32"}
 
 
 def test_tiny_autodiff_benchmark_checks_every_row(tmp_path):
