@@ -214,26 +214,39 @@ class Widened(Contender):
         return replace(call, loss_weights=wide.loss_weights)
 
 
-def native_engine(problem: Problem, train: bool) -> tuple:
-    """(mkldnn, label): how native torch._VF.lstm runs `problem` when called as by default.
+REFUSED = "oneDNN refused: ATen loop"
 
-    It runs once, under the legacy autograd profiler: "oneDNN" if it called aten::mkldnn_rnn_layer,
-    else "ATen loop" (ATen picks its own loop for float64, packed input, and bfloat16/float16 where
-    oneDNN has no kernel for them). Where oneDNN raises instead (ONEDNN_REFUSAL), native is its ATen loop
-    with oneDNN switched off: (False, "oneDNN refused: ATen loop").
+
+def engine_of(run: Callable[[], object], other: str = "ATen loop") -> tuple:
+    """(mkldnn, label): how native ran in `run()`, which calls it once as by default.
+
+    `run()` runs under the legacy autograd profiler: "oneDNN" if it called aten::mkldnn_rnn_layer,
+    else `other` (ATen picks its own loop for float64, packed input, and bfloat16/float16 where
+    oneDNN has no kernel for them). Where oneDNN raises instead (ONEDNN_REFUSAL), native is to run
+    its ATen loop with oneDNN switched off: (False, REFUSED).
     """
-    call = FunctionalLSTM("native_default", _VF.lstm).make_call(problem, train)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            with torch.autograd.profiler_legacy.profile() as prof, torch.inference_mode(not train):
-                step(call, train, problem.loss_weights)
+            with torch.autograd.profiler_legacy.profile() as prof:
+                run()
     except RuntimeError as exc:
         if ONEDNN_REFUSAL not in str(exc):
             raise
-        return False, "oneDNN refused: ATen loop"
+        return False, REFUSED
     ran = {event.name for event in prof.function_events}
-    return True, "oneDNN" if any(name.startswith("aten::mkldnn_rnn") for name in ran) else "ATen loop"
+    return True, "oneDNN" if any(name.startswith("aten::mkldnn_rnn") for name in ran) else other
+
+
+def native_engine(problem: Problem, train: bool) -> tuple:
+    """engine_of native torch._VF.lstm on `problem`."""
+    call = FunctionalLSTM("native_default", _VF.lstm).make_call(problem, train)
+
+    def run():
+        with torch.inference_mode(not train):
+            step(call, train, problem.loss_weights)
+
+    return engine_of(run)
 
 
 def make_cell(in_size: int, hidden: int, weights: list, requires_grad: bool) -> nn.LSTMCell:

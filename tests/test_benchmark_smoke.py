@@ -118,3 +118,15 @@ def test_step_benchmark_runs_every_loop_against_the_engines(capsys):
         assert f"geomean onnxruntime/ext {loop} inference: " in out
         openvino = f"geomean openvino/ext {loop} inference: " in out
         assert openvino != ("note: openvino not importable" in out)
+
+
+def test_step_benchmark_in_bfloat16_against_native_and_float32(capsys):
+    status = bench_step.main(["--batches", "2", "--hidden", "8", "--calls", "3x2x8", "--steps", "2", "--repeats", "1",
+                              "--threads", "1", "--dtype", "bfloat16"])
+    out = capsys.readouterr().out
+    assert status == 0 and "FAILED" not in out, out
+    for loop, mode in product(("cell", "t1", "call"), ("inference", "training")):
+        assert f"geomean native/ext {loop} {mode}: " in out
+        assert f"geomean lstm_ext_f32/ext {loop} {mode}: " in out
+    assert "| native ran |" in out and "| err lstm_ext | err native | err lstm_ext_f32 |" in out
+    assert "onnxruntime/ext" not in out and "note: bfloat16 rows: the engines" in out
