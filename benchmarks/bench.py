@@ -459,6 +459,24 @@ def error_reference(shape: Shape) -> str:
     return "native float32 on the same values" if shape.dtype in REDUCED else REFERENCE
 
 
+def interleaved_samples(contenders: list, problem, train: bool, repeats: int) -> tuple:
+    """({name: calls per sample}, {name: [seconds per call, one per repeat]}): after a warm-up sizing each
+    sample, every repeat times every contender once, round-robin in a seeded random order."""
+    n_calls = {c.name: calls_per_sample(c, problem, train) for c in contenders}
+    samples = {c.name: [] for c in contenders}
+    order = random.Random(0)
+    for _ in range(repeats):
+        for c in order.sample(contenders, len(contenders)):
+            samples[c.name].append(time_sample(c, problem, train, n_calls[c.name]))
+    return n_calls, samples
+
+
+def median_ratio(samples: dict, numerator: str, denominator: str) -> float:
+    """The median over repeats of numerator's time / denominator's time within one repeat: a slow spell
+    of the machine slows both sides of a ratio instead of whichever contender it fell on."""
+    return statistics.median(a / b for a, b in zip(samples[numerator], samples[denominator]))
+
+
 def check_row(problem, train: bool, contenders: list) -> tuple:
     """Compare every contender with native_default (first warm-up call), or on bfloat16/float16 rows
     every contender with native float32 on the same values widened.
@@ -531,19 +549,13 @@ def measure_row(shape: Shape, mode: str, contenders: list, repeats: int) -> dict
         row["notes"] += notes
         if failure:
             return {**row, "status": "FAILED", "error": failure}
-        n_calls = {c.name: calls_per_sample(c, problem, train) for c in active}
-        samples = {c.name: [] for c in active}
-        order = random.Random(0)
-        for _ in range(repeats):
-            for c in order.sample(active, len(active)):
-                samples[c.name].append(time_sample(c, problem, train, n_calls[c.name]))
+        n_calls, samples = interleaved_samples(active, problem, train, repeats)
     seconds = {name: statistics.median(s) for name, s in samples.items()}
-    ext_samples = samples.pop("lstm_ext")
     ext = seconds.pop("lstm_ext")
     gflops = flops / ext / 1e9
     return {**row, "calls_per_sample": n_calls,
             "time_ms": {"lstm_ext": 1e3 * ext, **{n: 1e3 * s for n, s in seconds.items()}},
-            "ratios": {n: statistics.median(a / b for a, b in zip(s, ext_samples)) for n, s in samples.items()},
+            "ratios": {n: median_ratio(samples, n, "lstm_ext") for n in samples if n != "lstm_ext"},
             "gflops_lstm_ext": gflops}
 
 

@@ -142,16 +142,20 @@ def run(module, problem: StepProblem, train: bool) -> list:
     return [hs.detach(), c.detach(), *grads]
 
 
-def exported_lstm(problem: StepProblem, directory: str) -> str:
-    """nn.LSTM exported to ONNX for one call of the loop (one step, or the whole call), as a file."""
-    native, T = problem.modules["native"], problem.shape.T or 1
-    x, h = problem.x[:T], problem.h0.unsqueeze(0)
-    path = f"{directory}/lstm.onnx"
+def export_lstm(module: nn.LSTM, x: torch.Tensor, h: torch.Tensor, path: str) -> str:
+    """`module` exported to ONNX (TorchScript exporter) for calls like module(x, (h, h)): inputs x, h, c and
+    outputs y, h_n, c_n, as the runners below take them."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(native, (x, (h, h)), path, input_names=["x", "h", "c"], output_names=["y", "h_n", "c_n"],
+        torch.onnx.export(module, (x, (h, h)), path, input_names=["x", "h", "c"], output_names=["y", "h_n", "c_n"],
                           dynamo=False)
     return path
+
+
+def exported_lstm(problem: StepProblem, directory: str) -> str:
+    """nn.LSTM exported to ONNX for one call of the loop (one step, or the whole call), as a file."""
+    T = problem.shape.T or 1
+    return export_lstm(problem.modules["native"], problem.x[:T], problem.h0.unsqueeze(0), f"{directory}/lstm.onnx")
 
 
 def onnxruntime_runner(path: str, threads: int):
