@@ -1,5 +1,5 @@
-"""Smoke tests: benchmarks/bench.py and bench_autodiff.py run their --tiny grids and write
-their reports; bench_cells.py and bench_step.py run tiny grids.
+"""Smoke tests: benchmarks/bench.py, bench_autodiff.py and bench_quantized.py run their --tiny grids
+and write their reports; bench_cells.py and bench_step.py run tiny grids.
 
 No speed assertions; the tiny grids also check lstm_ext against native
 torch._VF.lstm, so a correctness regression fails these tests too.
@@ -16,6 +16,7 @@ sys.path.insert(0, str(BENCHMARKS))
 import bench  # noqa: E402  (needs the path above)
 import bench_autodiff  # noqa: E402
 import bench_cells  # noqa: E402
+import bench_quantized  # noqa: E402
 import bench_step  # noqa: E402
 
 ROW_FIELDS = {"name", "dims", "mode", "dtype", "T", "B", "I", "H", "layers", "bidirectional",
@@ -130,3 +131,28 @@ def test_step_benchmark_in_bfloat16_against_native_and_float32(capsys):
         assert f"geomean lstm_ext_f32/ext {loop} {mode}: " in out
     assert "| native ran |" in out and "| err lstm_ext | err native | err lstm_ext_f32 |" in out
     assert "onnxruntime/ext" not in out and "note: bfloat16 rows: the engines" in out
+
+
+def test_tiny_quantized_benchmark_writes_reports(tmp_path):
+    status = bench_quantized.main(["--tiny", "--repeats", "1", "--threads", "1", "--out", str(tmp_path)])
+
+    payload = json.loads((tmp_path / "quantized.json").read_text())
+    rows = payload["rows"]
+    failed = [(r["name"], r["error"]) for r in rows if r["status"] != "ok"]
+    assert status == 0 and not failed, failed
+    assert [r["name"] for r in rows] == [s.name for s in bench_quantized.GRIDS["tiny"]]
+    env = payload["environment"]
+    assert {"command", "commit", "cpu", "date", "threads", "quantized_engine", "onnxruntime"} <= env.keys()
+    # ONNX Runtime comes with the test extra, as for bench_step's engines.
+    contenders = set(bench_quantized.CONTENDERS)
+    for row in rows:
+        assert set(row["time_ms"]) == contenders and set(row["max_rel_error"]) == contenders
+        assert set(row["ratios"]) == {f"{a}/{b}" for a, b in bench_quantized.RATIOS}
+        assert row["max_rel_error"]["lstm_ext_f32"] <= 1e-4 and row["max_rel_error"]["lstm_ext_fp16"] <= 1e-2
+    assert set(payload["summary"]["geomean_ratio"]) == {f"{a}/{b}" for a, b in bench_quantized.RATIOS}
+
+    md = (tmp_path / "quantized.md").read_text()
+    assert md.startswith("# lstm_ext quantized LSTM benchmark")
+    assert "Command: `python benchmarks/bench_quantized.py --tiny" in md and "Commit: " in md and "CPU: " in md
+    assert "| ext int8 ms |" in md and "| torch int8/ext int8 |" in md and "| err ORT int8 |" in md
+    assert "geomean torch int8 and ORT int8 / ext int8 together" in md
