@@ -2,10 +2,15 @@
 //
 // Every product in the loops multiplies by a weight that stays fixed for a whole call, so the
 // weight is packed once per call into column panels and then reused for every step (and for all
-// rows of the input projection). For float and double the products run our own register-blocked
-// at::vec kernel over those panels (AVX-512 or AVX2, as built): it skips the per-call packing a
-// BLAS does and beats MKL's sgemm on the small-M recurrent shapes. The reduced
-// floating types go through ATen ops on a view of the unpacked weight instead.
+// rows of the input projection). The products run our own register-blocked at::vec kernel over
+// those panels, in float or double (AVX-512 or AVX2, as built): it skips the per-call packing a
+// BLAS does and beats MKL's sgemm on the small-M recurrent shapes.
+//
+// The precision seam: a weight may be stored in a narrower type than the arithmetic (bfloat16,
+// float16, or int8 with a scale per row), as RNN.cpp's quantized CellParams are. Products always
+// run in float: packing converts the weight once, and a call that reads the weight as stored (a
+// decoding step, bound by reading it) converts it block by block in L1, so that only the narrow
+// bytes come from memory.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -27,7 +32,7 @@
 #include <pthread.h>
 #endif
 
-namespace lstm_ext::blas {
+namespace lstm_ext::inline CPU_CAPABILITY::blas {
 
 // A row-major matrix view: rows × cols with leading dimension ld (elements between rows).
 template <typename T>
@@ -42,17 +47,6 @@ Matrix<T> as_matrix(const at::Tensor& t) {
   TORCH_INTERNAL_ASSERT(t.dim() == 2 && (t.stride(1) == 1 || t.size(1) <= 1));
   return {t.data_ptr<std::remove_const_t<T>>(), t.size(0), t.size(1), t.stride(0)};
 }
-
-// A Matrix as a tensor over the same memory, for the ATen fallbacks.
-template <typename T>
-at::Tensor as_tensor(Matrix<T> m) {
-  using U = std::remove_const_t<T>;
-  return at::from_blob(const_cast<U*>(m.data), {m.rows, m.cols}, {m.ld, 1},
-                       at::TensorOptions(c10::CppTypeToScalarType<U>::value));
-}
-
-template <typename T>
-constexpr bool kOwnKernel = std::is_same_v<T, float> || std::is_same_v<T, double>;
 
 // One product of multiply_transposed: c [m, n] = aᵀ·b for b [k, n].
 template <typename T>
@@ -84,6 +78,55 @@ inline Vec<T> in_register(Vec<T> v) {
   return v;
 #endif
 }
+// A vector of floats from Vectorized<float>::size() weights stored as S (bfloat16, float16, int8):
+// one widening instruction or two per vector (F16C's vcvtph2ps for float16).
+template <typename S>
+inline Vec<float> load_as_float(const S* p) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
+  } else if constexpr (std::is_same_v<S, c10::Half>) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  } else {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  if constexpr (std::is_same_v<S, c10::BFloat16>) {
+    const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
+  } else if constexpr (std::is_same_v<S, c10::Half>) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  } else {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+#else
+  float values[Vec<float>::size()];
+  for (int64_t i = 0; i < Vec<float>::size(); ++i) values[i] = static_cast<float>(p[i]);
+  return Vec<float>::loadu(values);
+#endif
+}
+
+// dst[r, j] = float(src[r, j]) · scales[r] (scales null: 1) for rows × depth elements: a block of a
+// weight stored as S, made ready for the float kernels.
+template <typename S>
+void convert_rows(const S* src, int64_t ld_src, int64_t rows, int64_t depth, const float* scales, float* dst,
+                  int64_t ld_dst) {
+  constexpr int64_t L = Vec<float>::size();
+  for (int64_t r = 0; r < rows; ++r) {
+    const S* in = src + r * ld_src;
+    float* out = dst + r * ld_dst;
+    const float scale = scales ? scales[r] : 1.0f;
+    int64_t j = 0;
+    if (scales) {
+      for (; j + L <= depth; j += L) (load_as_float(in + j) * Vec<float>(scale)).store(out + j);
+    } else {
+      for (; j + L <= depth; j += L) load_as_float(in + j).store(out + j);
+    }
+    for (; j < depth; ++j) out[j] = static_cast<float>(in[j]) * scale;
+  }
+}
+
 // Columns per panel: two vectors, so a row of a 6-row tile fills two accumulators.
 template <typename T>
 constexpr int64_t kPanelWidth = 2 * Vec<T>::size();
@@ -336,6 +379,22 @@ void dot_products(Matrix<const T> a, const T* w, int64_t ldw, Matrix<T> c) {
   }
 }
 
+// dot_products for a weight stored as S (scales: per row of w, or null): a block of w's rows at a
+// time converted into L1 (never more than a stack block: it runs inside the step loop's team).
+template <typename S>
+void dot_products(Matrix<const float> a, const S* w, int64_t ldw, const float* scales, Matrix<float> c) {
+  constexpr int64_t kRows = 8, kDepth = 512;
+  alignas(64) float block[kRows * kDepth];
+  for (int64_t j = 0; j < c.cols; j += kRows) {
+    const int64_t cols = std::min(kRows, c.cols - j);
+    for (int64_t k0 = 0; k0 < a.cols; k0 += kDepth) {
+      const int64_t depth = std::min(kDepth, a.cols - k0);
+      convert_rows(w + j * ldw + k0, ldw, cols, depth, scales ? scales + j : nullptr, block, depth);
+      dot_products<float>({a.data + k0, a.rows, depth, a.ld}, block, depth, {c.data + j, c.rows, cols, c.ld});
+    }
+  }
+}
+
 // c[rows, cols] += a[rows, depth] · b[depth, cols] for a row-major b (rows ldb apart) read as stored: its
 // column panels are b's own columns, ldb apart in depth. No packing.
 template <typename T>
@@ -399,7 +458,8 @@ void add_transposed(const T* src, int64_t ld_src, int64_t rows, int64_t cols, T*
 // `count` elements of memory kept by the calling thread from call to call (a decoding step
 // allocates nothing), or null where it cannot grow to that: the products run inside the step
 // loop's thread team, where an exception would leave the other members waiting at a barrier.
-template <typename T>
+// Each slot is its own memory.
+template <typename T, int kSlot = 0>
 T* thread_scratch(size_t count) {
   thread_local std::vector<T> scratch;
   if (scratch.size() < count) {
@@ -422,16 +482,26 @@ constexpr int64_t kMinWeightMajorRows = kPanelWidth<T> / 2 + 1;
 // c[rows, cols] += a[rows, depth] · w[cols, depth]ᵀ for a few rows (<= kMaxWeightMajorRows) and a weight
 // whose rows (ldw apart) are contiguous, as cᵀ = w·aᵀ: w's rows are the tile kernel's broadcast side,
 // read as stored, and aᵀ its panels. Only a is packed, not the weight (cols / rows times bigger):
-// a decoding step at B32 H256 spent a quarter of its time packing W_ih and W_hh.
-template <typename T>
-void weight_major_products(Matrix<const T> a, const T* w, int64_t ldw, Matrix<T> c) {
+// a decoding step at B32 H256 spent a quarter of its time packing W_ih and W_hh. A weight stored
+// as S (T float) is converted a block at a time, scaled per row by `scales` when given.
+template <typename T, typename S = T>
+void weight_major_products(Matrix<const T> a, const S* w, int64_t ldw, Matrix<T> c, const float* scales = nullptr) {
   constexpr int64_t W = kPanelWidth<T>, kMaxLanes = kMaxWeightMajorRows;
   // Columns of c per pass: cᵀ's block [kChunk, lanes] (24 KB) stays in L1 over every depth block.
   constexpr int64_t kChunk = (24 << 10) / (kMaxLanes * sizeof(T)) / kTileRows * kTileRows;
   const int64_t depth = a.cols, panels = (c.rows + W - 1) / W, lanes = panels * W;
   if (depth == 0) return;  // a product of nothing adds nothing (no depth block would write cᵀ's block)
+  constexpr bool kConverted = !std::is_same_v<S, T>;
+  const auto fall_back = [&] {  // no memory to pack a in: dot products, which never throw
+    if constexpr (kConverted) {
+      dot_products<S>(a, w, ldw, scales, c);
+    } else {
+      dot_products<T>(a, w, ldw, c);
+    }
+  };
   T* a_panels = thread_scratch<T>(panels * depth * W);
-  if (!a_panels) return dot_products<T>(a, w, ldw, c);  // no memory to pack a in; never throws
+  T* w_block = kConverted ? thread_scratch<T, 1>(kChunk * kDepthBlock) : nullptr;
+  if (!a_panels || (kConverted && !w_block)) return fall_back();
   for (int64_t q = 0; q < panels; ++q) {
     pack_panel(a.data + q * W * a.ld, a.ld, int64_t(1), std::min(W, c.rows - q * W), depth, a_panels + q * depth * W);
   }
@@ -439,8 +509,16 @@ void weight_major_products(Matrix<const T> a, const T* w, int64_t ldw, Matrix<T>
   for (int64_t n0 = 0; n0 < c.cols; n0 += kChunk) {
     const int64_t n = std::min(kChunk, c.cols - n0);
     for (int64_t k0 = 0; k0 < depth; k0 += kDepthBlock) {
-      tiles<T>(n, lanes, Left<T>::row_major(w + n0 * ldw + k0, ldw), Right<T>::packed(a_panels + k0 * W, depth),
-               std::min(kDepthBlock, depth - k0), transposed, lanes, /*add_to_c=*/k0 > 0);
+      const int64_t block_depth = std::min(kDepthBlock, depth - k0);
+      Left<T> w_rows;
+      if constexpr (kConverted) {
+        convert_rows(w + n0 * ldw + k0, ldw, n, block_depth, scales ? scales + n0 : nullptr, w_block, block_depth);
+        w_rows = Left<T>::row_major(w_block, block_depth);
+      } else {
+        w_rows = Left<T>::row_major(w + n0 * ldw + k0, ldw);
+      }
+      tiles<T>(n, lanes, w_rows, Right<T>::packed(a_panels + k0 * W, depth), block_depth, transposed, lanes,
+               /*add_to_c=*/k0 > 0);
     }
     add_transposed(transposed, lanes, n, c.rows, c.data + n0, c.ld);
   }
@@ -628,16 +706,27 @@ class BlockPool final : public c10::Allocator {
 template <typename T>
 class PackedWeight {
  public:
-  static constexpr int64_t kPanelWidth = kOwnKernel<T> ? kernel::kPanelWidth<T> : 1;
+  static constexpr int64_t kPanelWidth = kernel::kPanelWidth<T>;
 
-  // weight: a [n, k] view, any strides (a weight [k, n] transposed, for C = A·B). `pack`: whether
-  // packing pays for this call (many rows); a weight with neither axis contiguous is packed anyway.
-  PackedWeight(const at::Tensor& weight, int64_t group, bool pack = true) : k_(weight.size(1)), group_(group) {
-    if constexpr (!kOwnKernel<T>) {
+  // weight: a [n, k] view, any strides (a weight [k, n] transposed, for C = A·B), stored as T or,
+  // for T float, as bfloat16, float16 or int8 with `scales` [n] (w = q·scale, row by row). `pack`:
+  // whether packing pays for this call (many rows); a weight with neither axis contiguous is
+  // packed anyway. Only a narrow weight read by its rows stays narrow; packed, or read by its
+  // columns, it is converted first (its panels are floats).
+  PackedWeight(const at::Tensor& weight, int64_t group, bool pack = true, const at::Tensor& scales = {})
+      : k_(weight.size(1)), group_(group) {
+    const bool narrow = weight.scalar_type() != c10::CppTypeToScalarType<T>::value;
+    TORCH_INTERNAL_ASSERT(!narrow || (std::is_same_v<T, float>), "lstm_ext: narrow weights multiply in float");
+    if (narrow && !pack && reads_rows(weight)) {
       unpacked_ = weight;
-    } else if (!pack && (reads_rows(weight) || reads_columns(weight))) {
-      unpacked_ = weight;
+      scales_ = scales.defined() ? scales.contiguous() : scales;
+      return;
+    }
+    const at::Tensor w = narrow ? widened(weight, scales) : weight;
+    if (!pack && (reads_rows(w) || reads_columns(w))) {
+      unpacked_ = w;
     } else {
+      const at::Tensor& weight = w;
       const T* data = weight.data_ptr<T>();
       const int64_t n = weight.size(0), k = k_, row_stride = weight.stride(0), col_stride = weight.stride(1);
       const int64_t W = kPanelWidth, per_group = panels_per_group(), panels = group == 0 ? 0 : n / group * per_group;
@@ -679,9 +768,10 @@ class PackedWeight {
       }
     }
   }
-  // For C = A·Wᵀ with a weight W [n, k] as torch stores it.
-  static PackedWeight rows_of(const at::Tensor& weight, int64_t group, bool pack = true) {
-    return PackedWeight(weight, group, pack);
+  // For C = A·Wᵀ with a weight W [n, k] as torch stores it (int8: with its scales [n]).
+  static PackedWeight rows_of(const at::Tensor& weight, int64_t group, bool pack = true,
+                              const at::Tensor& scales = {}) {
+    return PackedWeight(weight, group, pack, scales);
   }
   // For C = A·W with a weight W [k, n].
   static PackedWeight columns_of(const at::Tensor& weight, int64_t group, bool pack = true) {
@@ -698,8 +788,9 @@ class PackedWeight {
   void multiply(Matrix<const T> a, int64_t first_col, Matrix<T> c, bool accumulate, const T* bias = nullptr,
                 bool descending = false) const {
     if (c.rows == 0 || c.cols == 0) return;
-    if constexpr (!kOwnKernel<T>) {
-      multiply_aten(a, first_col, c, accumulate, bias);
+    if (!panels_.defined() && scalar_type() != c10::CppTypeToScalarType<T>::value) {
+      start_rows(c, accumulate, bias);
+      if constexpr (std::is_same_v<T, float>) multiply_narrow(a, first_col, c);
     } else if (!panels_.defined()) {
       start_rows(c, accumulate, bias);
       const T* w = unpacked_.data_ptr<T>() + first_col * unpacked_.stride(0);
@@ -722,14 +813,13 @@ class PackedWeight {
   // multiply() over many rows, split between torch's threads.
   void multiply_parallel(Matrix<const T> a, int64_t first_col, Matrix<T> c, bool accumulate,
                          const T* bias = nullptr) const {
-    if constexpr (!kOwnKernel<T>) return multiply(a, first_col, c, accumulate, bias);  // ATen threads itself
     if (!panels_.defined()) {
       // Few rows: split the columns instead, whole panels of ~1M multiply-adds each, or an even
       // share of a weight too big for one core's cache.
       const int64_t panels = (c.cols + kPanelWidth - 1) / kPanelWidth;
       const int64_t grain = kernel::split_grain(
           std::max<int64_t>(1, (1 << 20) / std::max<int64_t>(1, c.rows * kPanelWidth * k_)), panels,
-          c.cols * k_ * int64_t(sizeof(T)));
+          c.cols * k_ * int64_t(unpacked_.element_size()));
       return at::parallel_for(0, panels, grain, [&](int64_t begin, int64_t end) {
         const int64_t col = begin * kPanelWidth, cols = std::min(end * kPanelWidth, c.cols) - col;
         multiply(a, first_col + col, {c.data + col, c.rows, cols, c.ld}, accumulate, bias ? bias + col : nullptr);
@@ -742,6 +832,7 @@ class PackedWeight {
   }
 
  private:
+  at::ScalarType scalar_type() const { return unpacked_.scalar_type(); }
   int64_t panels_per_group() const { return (group_ + kPanelWidth - 1) / kPanelWidth; }
   // Whether W's rows (for dot products) or its columns (as panels) are contiguous.
   static bool reads_rows(const at::Tensor& w) { return w.stride(1) == 1 || w.size(1) <= 1; }
@@ -775,35 +866,43 @@ class PackedWeight {
     }
   }
 
-  void multiply_aten(Matrix<const T> a, int64_t first_col, Matrix<T> c, bool accumulate, const T* bias) const {
-    at::Tensor out = as_tensor(c);
-    const at::Tensor lhs = as_tensor(a), rhs = unpacked_.narrow(0, first_col, c.cols).t();
-    if (accumulate) {
-      out.addmm_(lhs, rhs);
-    } else if (bias) {
-      at::addmm_out(out, at::from_blob(const_cast<T*>(bias), {c.cols}, unpacked_.options()), lhs, rhs);
-    } else {
-      at::mm_out(out, lhs, rhs);
+  // A narrow weight in T (float), scaled per row: what packing and the column reads work on.
+  static at::Tensor widened(const at::Tensor& weight, const at::Tensor& scales) {
+    const at::Tensor w = weight.to(c10::CppTypeToScalarType<T>::value);
+    return scales.defined() ? w * scales.unsqueeze(1) : w;
+  }
+
+  // The unpacked products of a narrow weight (float arithmetic), converted as its rows are read.
+  void multiply_narrow(Matrix<const float> a, int64_t first_col, Matrix<float> c) const {
+    const int64_t ld = unpacked_.stride(0);
+    const float* scales = scales_.defined() ? scales_.data_ptr<float>() + first_col : nullptr;
+    const auto run = [&](const auto* stored) {
+      using S = std::remove_const_t<std::remove_pointer_t<decltype(stored)>>;
+      const S* w = stored + first_col * ld;
+      if (c.rows >= kernel::kMinWeightMajorRows<float> && c.rows <= kernel::kMaxWeightMajorRows) {
+        kernel::weight_major_products<float, S>(a, w, ld, c, scales);
+      } else {
+        kernel::dot_products<S>(a, w, ld, scales, c);
+      }
+    };
+    switch (scalar_type()) {
+      case at::kBFloat16: return run(unpacked_.const_data_ptr<c10::BFloat16>());
+      case at::kHalf: return run(unpacked_.const_data_ptr<c10::Half>());
+      default: return run(unpacked_.const_data_ptr<int8_t>());
     }
   }
 
   int64_t k_, group_;
-  at::Tensor panels_;    // [panels, k, kPanelWidth] (float, double)
-  at::Tensor unpacked_;  // [n, k] view of the weight (other types, and float and double not packed)
+  at::Tensor panels_;    // [panels, k, kPanelWidth]
+  at::Tensor unpacked_;  // [n, k] view of the weight, when not packed (T, or narrow read by rows)
+  at::Tensor scales_;    // [n] per-row scales of an int8 unpacked_, else undefined
 };
 
 // Every product's c [m, n] = aᵀ·b for a [k, m] and its b [k, n], all row-major: the weight
 // gradients dgatesᵀ·x and dgatesᵀ·h_prev, which share a and are computed in one pass over it.
 template <typename T>
 void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<T>>& products) {
-  if constexpr (kOwnKernel<T>) {
-    kernel::multiply_transposed(a, products);
-  } else {
-    for (const TransposedProduct<T>& p : products) {
-      at::Tensor out = as_tensor(p.c);
-      at::mm_out(out, as_tensor(a).t(), as_tensor(p.b));
-    }
-  }
+  kernel::multiply_transposed(a, products);
 }
 
 }  // namespace lstm_ext::blas

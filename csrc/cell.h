@@ -16,7 +16,7 @@
 #include <optional>
 #include <vector>
 
-namespace lstm_ext {
+namespace lstm_ext::inline CPU_CAPABILITY {
 
 using at::Tensor;
 using blas::Matrix;
@@ -27,6 +27,8 @@ struct CellParams {
   Tensor w_ih, w_hh, b_ih, b_hh, w_hr;
   std::vector<Tensor> unit_weights;  // the cell's extra weights, [H] each (see the cell concept)
   std::vector<Tensor> layer_norm;    // γ_ih [4H], γ_hh [4H], γ_c [H], β_c [H], or none (see cells.h)
+  // The per-row scales of int8 weight matrices (w = q·scale), else undefined (see blas.h).
+  Tensor w_ih_scale, w_hh_scale, w_hr_scale;
 
   int64_t hidden_size() const { return w_hh.size(0) / 4; }
   int64_t output_size() const { return w_hr.defined() ? w_hr.size(0) : hidden_size(); }
@@ -52,8 +54,9 @@ struct PackedCell {
   static PackedCell for_forward(const CellParams& p, int64_t rows) {
     const int64_t H = p.hidden_size(), P = p.output_size();
     const bool pack = rows > kMaxUnpackedRows;
-    PackedCell cell{Weight::rows_of(p.w_ih, 4 * H, pack), Weight::rows_of(p.w_hh, H, pack),
-                    p.has_projection() ? std::optional<Weight>(Weight::rows_of(p.w_hr, P, pack)) : std::nullopt};
+    PackedCell cell{Weight::rows_of(p.w_ih, 4 * H, pack, p.w_ih_scale), Weight::rows_of(p.w_hh, H, pack, p.w_hh_scale),
+                    p.has_projection() ? std::optional<Weight>(Weight::rows_of(p.w_hr, P, pack, p.w_hr_scale))
+                                       : std::nullopt};
     if (p.b_ih.defined() && pack) {
       cell.bias = (p.b_ih + p.b_hh).contiguous();
     } else if (p.b_ih.defined()) {
@@ -126,11 +129,6 @@ struct StepSaved {
 };
 
 namespace pointwise {
-
-// Vectorized over hidden units for float and double; the reduced floating types go scalar
-// through their opmath type.
-template <typename scalar_t>
-constexpr bool kVectorized = std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, double>;
 
 #if defined(CPU_CAPABILITY_AVX2)
 // exp and expm1 for float64 activations, inline (AVX2 builds; AVX-512 builds call Sleef's
@@ -227,12 +225,6 @@ inline V tanh(const V& x) {
   }
 }
 
-// The reduced floating types compute in their opmath type, one unit at a time.
-inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
-inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
-inline float tanh(float x) { return std::tanh(x); }
-inline double tanh(double x) { return std::tanh(x); }
-
 // The differentiable recomputation (see FullLayer::forward_differentiable) runs the same cell
 // math on whole tensors, through ATen ops that every autograd transform knows.
 inline Tensor sigmoid(const Tensor& x) { return x.sigmoid(); }
@@ -241,9 +233,7 @@ inline Tensor tanh(const Tensor& x) { return x.tanh(); }
 // a·b + c: one fused instruction on vectors; the tensor form stays differentiable.
 template <typename V>
 inline V fmadd(const V& a, const V& b, const V& c) {
-  if constexpr (std::is_arithmetic_v<V>) {
-    return a * b + c;
-  } else if constexpr (std::is_same_v<V, Tensor>) {
+  if constexpr (std::is_same_v<V, Tensor>) {
     return at::addcmul(c, a, b);
   } else {
     return at::vec::fmadd(a, b, c);
@@ -277,9 +267,8 @@ inline void for_each_chunk(int64_t begin, int64_t end, const Body& body) {
 //   forward<V>    the step's pointwise math from the gate pre-activations and c_{t-1};
 //   backward<V>   its backward twin: the gradients of the pre-activations, of c_{t-1} and of
 //                 the extra weights, from what the step kept (Saved) and dL/dh_t, dL/dc_t.
-// Both are templates over the value type V: at::vec vectors in the fast passes below, opmath
-// scalars for the reduced floating types, and whole tensors (forward only) in the
-// differentiable recomputation that higher-order and forward-mode autodiff and vmap go through.
+// Both are templates over the value type V: at::vec vectors in the fast passes below, and whole
+// tensors (forward only) in the differentiable recomputation that higher-order and forward-mode autodiff and vmap go through.
 // Everything else (products, threads, layers, workspace, autograd) is the same for every cell.
 
 // The four gate blocks, in ATen's order i, f, g, o: pre-activations, or their gradients.
@@ -343,7 +332,7 @@ struct LSTMCell {
 };
 
 // The fast passes of a cell over rows and a slice of units: loads, Cell::forward or
-// Cell::backward, stores; vectorized for float and double, opmath scalars otherwise.
+// Cell::backward, stores, vectorized (float and double: the reduced types compute in float).
 template <typename Cell>
 struct CellPointwise {
   static constexpr int K = Cell::kUnitWeights;
@@ -378,11 +367,11 @@ struct CellPointwise {
   // Backward twin of forward. dhidden [rows, ld] is dL/dh_t (before the projection); dcell
   // [rows, H] is dL/dc_t from later steps on entry and dL/dc_{t-1} on exit. Writes
   // dL/d(pre-activation gates) into dgates [rows, 4H] and adds the extra weights' gradients of
-  // these rows into grad_weights [K, H] (opmath). cell_keep: the forward's.
+  // these rows into grad_weights [K, H]. cell_keep: the forward's.
   template <typename scalar_t>
   static void backward(int64_t rows, int64_t H, UnitSlice units, Matrix<const scalar_t> dhidden, scalar_t* dcell,
                        const scalar_t* gates, const scalar_t* tanh_cell, const scalar_t* cell_prev, scalar_t* dgates,
-                       const WeightData<scalar_t>& weights, at::opmath_type<scalar_t>* grad_weights,
+                       const WeightData<scalar_t>& weights, scalar_t* grad_weights,
                        Matrix<const scalar_t> cell_keep) {
     if (cell_keep.data) {
       backward_rows<scalar_t, true>(rows, H, units, dhidden, dcell, gates, tanh_cell, cell_prev, dgates, weights,
@@ -406,58 +395,32 @@ struct CellPointwise {
       scalar_t* tanh_c_out = saved.tanh_cell ? saved.tanh_cell + r * H : nullptr;
       scalar_t* c_prev_out = saved.cell_prev ? saved.cell_prev + r * H : nullptr;
       const scalar_t* keep = cell_keep.data ? cell_keep.data + r * cell_keep.ld : nullptr;
-      if constexpr (pointwise::kVectorized<scalar_t>) {
-        using Vec = at::vec::Vectorized<scalar_t>;
-        pointwise::for_each_chunk<scalar_t>(units.begin, units.end, [&](int64_t j, int64_t n) {
-          const Vec c_prev = Vec::loadu(c + j, n);
-          typename Cell::template Weights<Vec> w;
-          for (int k = 0; k < K; ++k) w[k] = Vec::loadu(weights[k] + j, n);
-          const Values<Vec> v = Cell::template forward<Vec>(
-              {Vec::loadu(g + j, n), Vec::loadu(g + H + j, n), Vec::loadu(g + 2 * H + j, n),
-               Vec::loadu(g + 3 * H + j, n)},
-              c_prev, w);
-          v.i.store(g + j, n);
-          v.f.store(g + H + j, n);
-          v.z.store(g + 2 * H + j, n);
-          v.o.store(g + 3 * H + j, n);
-          if constexpr (kZoneout) {
-            const Vec k = Vec::loadu(keep + j, n);
-            at::vec::fmadd(k, c_prev, (Vec(1) - k) * v.cell).store(c + j, n);
-          } else {
-            v.cell.store(c + j, n);
-          }
-          v.hidden.store(h + j, n);
-          if (h2) v.hidden.store(h2 + j, n);
-          if (tanh_c_out) {
-            v.tanh_cell.store(tanh_c_out + j, n);
-            c_prev.store(c_prev_out + j, n);
-          }
-        });
-      } else {
-        using opmath_t = at::opmath_type<scalar_t>;
-        for (int64_t j = units.begin; j < units.end; ++j) {
-          const opmath_t c_prev = c[j];
-          typename Cell::template Weights<opmath_t> w;
-          for (int k = 0; k < K; ++k) w[k] = weights[k][j];
-          const Values<opmath_t> v =
-              Cell::template forward<opmath_t>({g[j], g[H + j], g[2 * H + j], g[3 * H + j]}, c_prev, w);
-          g[j] = v.i;
-          g[H + j] = v.f;
-          g[2 * H + j] = v.z;
-          g[3 * H + j] = v.o;
-          if constexpr (kZoneout) {
-            c[j] = opmath_t(keep[j]) * c_prev + (opmath_t(1) - opmath_t(keep[j])) * v.cell;
-          } else {
-            c[j] = v.cell;
-          }
-          h[j] = v.hidden;
-          if (h2) h2[j] = v.hidden;
-          if (tanh_c_out) {
-            tanh_c_out[j] = v.tanh_cell;
-            c_prev_out[j] = c_prev;
-          }
+      using Vec = at::vec::Vectorized<scalar_t>;
+      pointwise::for_each_chunk<scalar_t>(units.begin, units.end, [&](int64_t j, int64_t n) {
+        const Vec c_prev = Vec::loadu(c + j, n);
+        typename Cell::template Weights<Vec> w;
+        for (int k = 0; k < K; ++k) w[k] = Vec::loadu(weights[k] + j, n);
+        const Values<Vec> v = Cell::template forward<Vec>(
+            {Vec::loadu(g + j, n), Vec::loadu(g + H + j, n), Vec::loadu(g + 2 * H + j, n),
+             Vec::loadu(g + 3 * H + j, n)},
+            c_prev, w);
+        v.i.store(g + j, n);
+        v.f.store(g + H + j, n);
+        v.z.store(g + 2 * H + j, n);
+        v.o.store(g + 3 * H + j, n);
+        if constexpr (kZoneout) {
+          const Vec k = Vec::loadu(keep + j, n);
+          at::vec::fmadd(k, c_prev, (Vec(1) - k) * v.cell).store(c + j, n);
+        } else {
+          v.cell.store(c + j, n);
         }
-      }
+        v.hidden.store(h + j, n);
+        if (h2) v.hidden.store(h2 + j, n);
+        if (tanh_c_out) {
+          v.tanh_cell.store(tanh_c_out + j, n);
+          c_prev.store(c_prev_out + j, n);
+        }
+      });
     }
   }
 
@@ -465,7 +428,7 @@ struct CellPointwise {
   static void backward_rows(int64_t rows, int64_t H, UnitSlice units, Matrix<const scalar_t> dhidden, scalar_t* dcell,
                             const scalar_t* gates, const scalar_t* tanh_cell, const scalar_t* cell_prev,
                             scalar_t* dgates, const WeightData<scalar_t>& weights,
-                            at::opmath_type<scalar_t>* grad_weights, Matrix<const scalar_t> cell_keep) {
+                            scalar_t* grad_weights, Matrix<const scalar_t> cell_keep) {
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* g = gates + r * 4 * H;
       const scalar_t* dh = dhidden.data + r * dhidden.ld;
@@ -474,43 +437,26 @@ struct CellPointwise {
       scalar_t* dc = dcell + r * H;
       scalar_t* dg = dgates + r * 4 * H;
       const scalar_t* keep = cell_keep.data ? cell_keep.data + r * cell_keep.ld : nullptr;
-      using opmath_t = at::opmath_type<scalar_t>;
-      if constexpr (pointwise::kVectorized<scalar_t>) {
-        using Vec = at::vec::Vectorized<scalar_t>;
-        pointwise::for_each_chunk<scalar_t>(units.begin, units.end, [&](int64_t j, int64_t n) {
-          typename Cell::template Weights<Vec> w;
-          for (int k = 0; k < K; ++k) w[k] = Vec::loadu(weights[k] + j, n);
-          const Saved<Vec> s{Vec::loadu(g + j, n),     Vec::loadu(g + H + j, n), Vec::loadu(g + 2 * H + j, n),
-                             Vec::loadu(g + 3 * H + j, n), Vec::loadu(tc + j, n),   Vec::loadu(cp + j, n)};
-          // With zoneout, dL/dc_t splits into its shares through c̃_t and straight to c_{t-1}.
-          const Vec dc_t = Vec::loadu(dc + j, n), k = kZoneout ? Vec::loadu(keep + j, n) : Vec(0);
-          const auto d =
-              Cell::template backward<Vec>(s, w, Vec::loadu(dh + j, n), kZoneout ? (Vec(1) - k) * dc_t : dc_t);
-          d.pre.i.store(dg + j, n);
-          d.pre.f.store(dg + H + j, n);
-          d.pre.g.store(dg + 2 * H + j, n);
-          d.pre.o.store(dg + 3 * H + j, n);
-          (kZoneout ? at::vec::fmadd(k, dc_t, d.cell_prev) : d.cell_prev).store(dc + j, n);
-          for (int k = 0; k < K; ++k) {
-            opmath_t* grad = grad_weights + k * H + j;
-            (Vec::loadu(grad, n) + d.weights[k]).store(grad, n);
-          }
-        });
-      } else {
-        for (int64_t j = units.begin; j < units.end; ++j) {
-          typename Cell::template Weights<opmath_t> w;
-          for (int k = 0; k < K; ++k) w[k] = weights[k][j];
-          const Saved<opmath_t> s{g[j], g[H + j], g[2 * H + j], g[3 * H + j], tc[j], cp[j]};
-          const opmath_t dc_t = dc[j], k = kZoneout ? opmath_t(keep[j]) : opmath_t(0);
-          const auto d = Cell::template backward<opmath_t>(s, w, dh[j], kZoneout ? (opmath_t(1) - k) * dc_t : dc_t);
-          dg[j] = d.pre.i;
-          dg[H + j] = d.pre.f;
-          dg[2 * H + j] = d.pre.g;
-          dg[3 * H + j] = d.pre.o;
-          dc[j] = kZoneout ? k * dc_t + d.cell_prev : d.cell_prev;
-          for (int k = 0; k < K; ++k) grad_weights[k * H + j] += d.weights[k];
+      using Vec = at::vec::Vectorized<scalar_t>;
+      pointwise::for_each_chunk<scalar_t>(units.begin, units.end, [&](int64_t j, int64_t n) {
+        typename Cell::template Weights<Vec> w;
+        for (int k = 0; k < K; ++k) w[k] = Vec::loadu(weights[k] + j, n);
+        const Saved<Vec> s{Vec::loadu(g + j, n),     Vec::loadu(g + H + j, n), Vec::loadu(g + 2 * H + j, n),
+                           Vec::loadu(g + 3 * H + j, n), Vec::loadu(tc + j, n),   Vec::loadu(cp + j, n)};
+        // With zoneout, dL/dc_t splits into its shares through c̃_t and straight to c_{t-1}.
+        const Vec dc_t = Vec::loadu(dc + j, n), k = kZoneout ? Vec::loadu(keep + j, n) : Vec(0);
+        const auto d =
+            Cell::template backward<Vec>(s, w, Vec::loadu(dh + j, n), kZoneout ? (Vec(1) - k) * dc_t : dc_t);
+        d.pre.i.store(dg + j, n);
+        d.pre.f.store(dg + H + j, n);
+        d.pre.g.store(dg + 2 * H + j, n);
+        d.pre.o.store(dg + 3 * H + j, n);
+        (kZoneout ? at::vec::fmadd(k, dc_t, d.cell_prev) : d.cell_prev).store(dc + j, n);
+        for (int k = 0; k < K; ++k) {
+          scalar_t* grad = grad_weights + k * H + j;
+          (Vec::loadu(grad, n) + d.weights[k]).store(grad, n);
         }
-      }
+      });
     }
   }
 

@@ -12,7 +12,7 @@
 #include <string_view>
 #include <tuple>
 
-namespace lstm_ext {
+namespace lstm_ext::inline CPU_CAPABILITY {
 
 // Peephole connections (Gers, Schraudolph & Schmidhuber 2002): the input and forget gates see
 // c_{t-1}, the output gate sees c_t, each through a weight per unit (p_i, p_f, p_o).

@@ -31,10 +31,6 @@ namespace lstm_ext {
 using at::Tensor;
 using at::TensorList;
 
-using ForwardSignature = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(
-    const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, TensorList, bool, int64_t, double,
-    bool, bool, bool, c10::string_view, std::optional<TensorList>, double, at::ArrayRef<double>);
-
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> call_forward(
     const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
     TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
@@ -50,16 +46,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-using BackwardSignature = std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>>(
-    const Tensor&, const std::optional<Tensor>&, const Tensor&, const Tensor&, TensorList, TensorList,
-    const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&, bool, int64_t, bool,
-    c10::string_view, std::optional<TensorList>, at::ArrayRef<double>);
-
-using ForwardDifferentiableSignature = std::tuple<Tensor, Tensor, Tensor>(
-    const Tensor&, at::OptionalIntArrayRef, const Tensor&, const Tensor&, TensorList, bool, int64_t, double, bool, bool,
-    const std::optional<Tensor>&, c10::string_view, std::optional<TensorList>, double, const std::optional<Tensor>&,
-    at::ArrayRef<double>, std::optional<TensorList>);
 
 // A cell variant's name and options, as the operators take them after their plain-LSTM arguments.
 struct Variant {
@@ -248,17 +234,6 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> autograd_forward(
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     return call_forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
                         need_workspace, cell, cell_params, recurrent_dropout, zoneout);
-  }
-  if (layer_norm_as_aten_ops(cell, input.scalar_type())) {
-    // No hand-written backward (see lstm_forward): autograd records the ATen ops.
-    static const auto op = c10::Dispatcher::singleton()
-                               .findSchemaOrThrow("lstm_ext::forward_differentiable", "")
-                               .typed<ForwardDifferentiableSignature>();
-    Tensor sizes;
-    auto [output, hy, cy] =
-        op.call(input, batch_size_list(batch_sizes, sizes), hx, cx, params, has_biases, num_layers, dropout, train,
-                bidirectional, std::nullopt, cell, cell_params, recurrent_dropout, std::nullopt, zoneout, std::nullopt);
-    return {output, hy, cy, {}};
   }
   variable_list outputs =
       LSTMFunction::apply(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,

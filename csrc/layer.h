@@ -18,7 +18,7 @@
 #include <tuple>
 #include <vector>
 
-namespace lstm_ext {
+namespace lstm_ext::inline CPU_CAPABILITY {
 
 // The time steps of a batch of sequences, sorted by decreasing length.
 struct Steps {
@@ -74,13 +74,6 @@ struct DirectionSaved {
 // Layer norm's statistics span a row's units, of which a team member owns a slice: after the
 // step's product, and again after the pointwise pass, the members meet; then each reads whole
 // rows, computes their statistics (the same numbers in every member) and writes its units only.
-// Float and double only (the reduced types take the differentiable recomputation, see lstm.cpp).
-
-// Whether a call runs layer norm as ATen ops (FullLayer::forward_differentiable, differentiated by
-// autograd) instead of in the fused passes, which have it for float and double.
-inline bool layer_norm_as_aten_ops(c10::string_view cell, at::ScalarType dtype) {
-  return CellName::parse(cell).layer_norm && dtype != at::kFloat && dtype != at::kDouble;
-}
 
 // The mean and 1/sqrt(var + eps) of v[0, n), the variance from the centred values (as ATen's).
 template <typename scalar_t>
@@ -305,13 +298,12 @@ constexpr int64_t kMinStepWorkPerThread = 1 << 15;
 constexpr int64_t kMinDirectionWork = 1 << 20;
 
 // How many threads run a layer: directions run concurrently when they are big enough, and each
-// direction's steps are split between threads when a step is big enough. Only with our own
-// product kernel: the ATen fallback may throw, which must not happen while a barrier waits.
+// direction's steps are split between threads when a step is big enough.
 template <typename scalar_t>
 int layer_threads(const Steps& steps, int64_t num_directions, int64_t H, int64_t P) {
   const int64_t available = at::get_num_threads();
   const bool big_weight = 4 * H * P * int64_t(sizeof(scalar_t)) >= blas::kernel::kSplitWeightBytes;
-  if (!blas::kOwnKernel<scalar_t> || available < 2 || (steps.rows() * 4 * H * P < kMinDirectionWork && !big_weight)) {
+  if (available < 2 || (steps.rows() * 4 * H * P < kMinDirectionWork && !big_weight)) {
     return 1;
   }
   const int64_t per_direction = std::max<int64_t>(1, available / num_directions);
@@ -433,11 +425,9 @@ struct FullLayer {
       matmul_hh<scalar_t>(from_output, weights.recurrent, H, units, product, descending, !layer_norm);
       matmul_hh<scalar_t>(from_hx, weights.recurrent, H, units, product + from_output.rows * 4 * H, descending,
                           !layer_norm);
-      if constexpr (pointwise::kVectorized<scalar_t>) {
-        if (layer_norm) {
-          team.sync();
-          layer_norm->add_recurrent(rows, row0, units, g, team.rank == 0);
-        }
+      if (layer_norm) {
+        team.sync();
+        layer_norm->add_recurrent(rows, row0, units, g, team.rank == 0);
       }
       const Matrix<const scalar_t> step_cell_keep = at_row(cell_keep, row0);
       const int64_t cols = col_end - col_begin;
@@ -458,20 +448,18 @@ struct FullLayer {
       // With layer norm, h̃_t and zoneout's c_t come after the pass, from c̃_t.
       CellPointwise<Cell>::forward(rows, H, units, g, c_data, hidden, hidden_copy, step_saved, unit_weights,
                                    layer_norm ? Matrix<const scalar_t>{} : step_cell_keep);
-      if constexpr (pointwise::kVectorized<scalar_t>) {
-        if (layer_norm) {
-          team.sync();
-          layer_norm->hidden_from_cell(rows, row0, units, g, c_data, hidden, hidden_copy, step_saved.tanh_cell,
-                                       team.rank == 0);
-          if (step_cell_keep.data) {
-            team.sync();  // every member has read c̃_t
-            for (int64_t r = 0; r < rows; ++r) {
-              const scalar_t* keep = step_cell_keep.data + r * step_cell_keep.ld;
-              const scalar_t* c_prev = step_saved.cell_prev + r * H;
-              scalar_t* c_t = c_data + r * H;
-              for (int64_t j = units.begin; j < units.end; ++j) {
-                c_t[j] = keep[j] * c_prev[j] + (scalar_t(1) - keep[j]) * c_t[j];
-              }
+      if (layer_norm) {
+        team.sync();
+        layer_norm->hidden_from_cell(rows, row0, units, g, c_data, hidden, hidden_copy, step_saved.tanh_cell,
+                                     team.rank == 0);
+        if (step_cell_keep.data) {
+          team.sync();  // every member has read c̃_t
+          for (int64_t r = 0; r < rows; ++r) {
+            const scalar_t* keep = step_cell_keep.data + r * step_cell_keep.ld;
+            const scalar_t* c_prev = step_saved.cell_prev + r * H;
+            scalar_t* c_t = c_data + r * H;
+            for (int64_t j = units.begin; j < units.end; ++j) {
+              c_t[j] = keep[j] * c_prev[j] + (scalar_t(1) - keep[j]) * c_t[j];
             }
           }
         }
@@ -566,7 +554,7 @@ struct FullLayer {
   // dc [B, H] hold the gradients of the final states on entry and of the initial states on exit.
   // Writes dL/d(pre-activation gates) into dgates [N, 4H] and, with a projection, dL/dh_t into
   // dh_rows [N, P], and sums the gradients of the cell's extra weights into grad_unit_weights
-  // [K, H] (opmath, zeros on entry). dh_pre [B, H] is scratch. recurrent_mask, zoneout: the forward's.
+  // [K, H] (zeros on entry). dh_pre [B, H] is scratch. recurrent_mask, zoneout: the forward's.
   // layer_norm: its step (null without layer norm); then dL/d(h_{t-1} W_hhᵀ) goes to
   // drecurrent [N, 4H], and dgates stays dL/d(pre-activations).
   template <typename Cell, typename scalar_t>
@@ -592,8 +580,7 @@ struct FullLayer {
     scalar_t* dh_rows_data = projected ? dh_rows.data_ptr<scalar_t>() : nullptr;
     scalar_t* dh_pre_data = projected ? dh_pre.data_ptr<scalar_t>() : nullptr;
     const auto unit_weights = CellPointwise<Cell>::template weight_data<scalar_t>(params);
-    using opmath_t = at::opmath_type<scalar_t>;
-    opmath_t* grad_unit_weight_data = grad_unit_weights.defined() ? grad_unit_weights.data_ptr<opmath_t>() : nullptr;
+    scalar_t* grad_unit_weight_data = grad_unit_weights.defined() ? grad_unit_weights.data_ptr<scalar_t>() : nullptr;
     const scalar_t* mask = recurrent_mask.defined() ? recurrent_mask.data_ptr<scalar_t>() : nullptr;
     const Matrix<const scalar_t> cell_keep = zoneout.cell<scalar_t>(), hidden_keep = zoneout.hidden<scalar_t>();
     // Zoneout's share k·dL/dh_t of a step's rows, which goes straight to dL/dh_{t-1}.
@@ -627,12 +614,10 @@ struct FullLayer {
       }
       scalar_t* dg = dgate_data + row0 * 4 * H;
       const scalar_t* step_gates = gates + row0 * 4 * H;
-      if constexpr (pointwise::kVectorized<scalar_t>) {
-        if (layer_norm) {
-          team.sync();  // dL/dh̃_t of every unit
-          layer_norm->cell_gradient(rows, row0, units, dhidden, step_gates, tanh_cells + row0 * H, dc_data,
-                                    at_row(cell_keep, row0), dc_kept.data());
-        }
+      if (layer_norm) {
+        team.sync();  // dL/dh̃_t of every unit
+        layer_norm->cell_gradient(rows, row0, units, dhidden, step_gates, tanh_cells + row0 * H, dc_data,
+                                  at_row(cell_keep, row0), dc_kept.data());
       }
       CellPointwise<Cell>::backward(rows, H, units, dhidden, dc_data, step_gates, tanh_cells + row0 * H,
                                     cells_prev + row0 * H, dg, unit_weights, grad_unit_weight_data,
@@ -640,15 +625,13 @@ struct FullLayer {
       team.sync();
       // The product's side: dL/d(h_{t-1} W_hhᵀ), through layer norm's recurrent LN if any.
       const scalar_t* dproduct = dg;
-      if constexpr (pointwise::kVectorized<scalar_t>) {
-        if (layer_norm) {
-          for (int64_t r = 0; r < rows && !dc_kept.empty(); ++r) {
-            for (int64_t j = units.begin; j < units.end; ++j) dc_data[r * H + j] += dc_kept[r * H + j];
-          }
-          layer_norm->recurrent_gradient(rows, row0, units, dg, drecurrent_data + row0 * 4 * H);
-          team.sync();
-          dproduct = drecurrent_data + row0 * 4 * H;
+      if (layer_norm) {
+        for (int64_t r = 0; r < rows && !dc_kept.empty(); ++r) {
+          for (int64_t j = units.begin; j < units.end; ++j) dc_data[r * H + j] += dc_kept[r * H + j];
         }
+        layer_norm->recurrent_gradient(rows, row0, units, dg, drecurrent_data + row0 * 4 * H);
+        team.sync();
+        dproduct = drecurrent_data + row0 * 4 * H;
       }
       // dL/dh_{t-1} = dproduct · W_hh, this member's columns, alternating the walk over W_hh.
       weights.recurrent.multiply({dproduct, rows, 4 * H, 4 * H}, col_begin, {dh_data + col_begin, rows, cols, P},

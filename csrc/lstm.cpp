@@ -1,17 +1,21 @@
-// The layer stack and the two operators: lstm_ext::forward and its hand-written lstm_ext::backward.
+// The layer stack and the operators' CPU kernels: lstm_ext::forward and its hand-written
+// lstm_ext::backward, quantized_forward, and the differentiable recomputation.
+//
+// Compiled once per instruction set (kernels_*.cpp define CPU_CAPABILITY and the target, as
+// ATen compiles its kernels): everything here lives in lstm_ext::CPU_CAPABILITY.
 //
 // Mirrors apply_layer_stack / _lstm_impl in aten/src/ATen/native/RNN.cpp. A layer runs one
 // FullLayer per direction (the reverse one walks the steps backwards, which is all ATen's
 // FullBidirectionalLayer and ReversedPackedLayer add) and writes both into one [N, D*P] output.
 #include "cells.h"
 #include "layer.h"
+#include "ops.h"
 
 #include <ATen/Dispatch.h>
-#include <torch/library.h>
 
 #include <tuple>
 
-namespace lstm_ext {
+namespace lstm_ext::inline CPU_CAPABILITY {
 namespace {
 
 using at::TensorList;
@@ -130,9 +134,10 @@ void check_input(const Tensor& input, bool packed) {
   TORCH_CHECK(!dense || input.size(0) > 0, "Expected sequence length to be larger than 0 in RNN");
 }
 
+// narrow_weights: the weight matrices may be stored in another type than the input's (quantized).
 StackShape check_forward_args(const Tensor& input, const Steps& steps, const Tensor& hx, const Tensor& cx,
                               const std::vector<CellParams>& cells, int64_t num_layers, bool bidirectional,
-                              double dropout) {
+                              double dropout, bool narrow_weights = false) {
   const bool dense = input.dim() == 3;
   TORCH_CHECK(dropout >= 0 && dropout <= 1, "dropout probability has to be between 0 and 1, but got ", dropout);
   const CellParams& first = cells.front();
@@ -142,18 +147,18 @@ StackShape check_forward_args(const Tensor& input, const Steps& steps, const Ten
     const int64_t layer = static_cast<int64_t>(i) / shape.num_directions;
     const int64_t in = layer == 0 ? shape.input_size : shape.num_directions * shape.output_size;
     const int64_t H = shape.hidden_size, P = shape.output_size;
-    auto check = [&](const Tensor& w, at::IntArrayRef expected, const char* name) {
-      check_same_device_and_dtype(input, w, name);
+    auto check = [&](const Tensor& w, at::IntArrayRef expected, const char* name, bool matrix = false) {
+      if (!(narrow_weights && matrix)) check_same_device_and_dtype(input, w, name);
       TORCH_CHECK(w.sizes() == expected, "lstm_ext: expected ", name, " of layer-direction ", i, " to have size ",
                   expected, ", got ", w.sizes());
     };
-    check(cell.w_ih, {4 * H, in}, "weight_ih");
-    check(cell.w_hh, {4 * H, P}, "weight_hh");
+    check(cell.w_ih, {4 * H, in}, "weight_ih", true);
+    check(cell.w_hh, {4 * H, P}, "weight_hh", true);
     if (cell.b_ih.defined()) {
       check(cell.b_ih, {4 * H}, "bias_ih");
       check(cell.b_hh, {4 * H}, "bias_hh");
     }
-    if (cell.w_hr.defined()) check(cell.w_hr, {P, H}, "weight_hr");
+    if (cell.w_hr.defined()) check(cell.w_hr, {P, H}, "weight_hr", true);
     for (const Tensor& w : cell.unit_weights) check(w, {H}, "cell parameter");
     if (!cell.layer_norm.empty()) {
       check(cell.layer_norm[0], {4 * H}, "ln_weight_ih");
@@ -321,29 +326,42 @@ LayerNormStep<scalar_t> layer_norm_step(const CellParams& params, const Tensor& 
           data(grad_weights)};
 }
 
-std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
-    const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
-    TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
-    bool need_workspace, c10::string_view cell, std::optional<TensorList> cell_params, double recurrent_dropout,
-    at::ArrayRef<double> zoneout) {
-  TORCH_CHECK(num_layers > 0, "lstm_ext: num_layers must be positive, got ", num_layers);
-  if (layer_norm_as_aten_ops(cell, input.scalar_type())) {
-    // Differentiated by autograd (the Autograd kernels send a call that needs gradients to
-    // forward_differentiable): there is no workspace to return.
-    Tensor sizes;
-    auto [output, hy, cy] = lstm_forward_differentiable(
-        input, batch_size_list(batch_sizes, sizes), hx, cx, params, has_biases, num_layers, dropout, train,
-        bidirectional, std::nullopt, cell, cell_params, recurrent_dropout, std::nullopt, zoneout, std::nullopt);
-    return {output, hy, cy, {}};
-  }
-  const int64_t D = bidirectional ? 2 : 1;
-  const std::vector<CellParams> cells =
-      gather_params(params, has_biases, num_layers * D, cell_params, cell);
-  check_input(input, batch_sizes.has_value());
-  const Steps steps = make_steps(input, batch_sizes);
-  const StackShape s = check_forward_args(input, steps, hx, cx, cells, num_layers, bidirectional, dropout);
+// ---- precision ------------------------------------------------------------------------------------
+
+// The type a call computes in: bfloat16 and float16 in float (the precision seam, see blas.h). Its
+// input, states and small parameters are converted once per call; the products read the weight
+// matrices as given (narrow), and the outputs go back to the input's type.
+at::ScalarType compute_type(const Tensor& input) { return at::toOpMathType(input.scalar_type()); }
+
+// p with everything but its weight matrices in `type`.
+CellParams with_small_params_in(CellParams p, at::ScalarType type) {
+  const auto convert = [&](Tensor& t) {
+    if (t.defined()) t = t.to(type);
+  };
+  convert(p.b_ih);
+  convert(p.b_hh);
+  for (Tensor& t : p.unit_weights) convert(t);
+  for (Tensor& t : p.layer_norm) convert(t);
+  return p;
+}
+
+// t in `type`, a copy even when it is already (the backward writes into it), contiguous.
+Tensor contiguous_copy(const Tensor& t, at::ScalarType type) {
+  return t.to(type, /*non_blocking=*/false, /*copy=*/true, at::MemoryFormat::Contiguous);
+}
+
+// The stack's forward on checked arguments: lstm_forward's and quantized_forward's.
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> forward_stack(
+    const Tensor& input, const Steps& steps, const StackShape& s, const Tensor& hx, const Tensor& cx,
+    std::vector<CellParams> cells, double dropout, bool train, bool need_workspace, c10::string_view cell,
+    double recurrent_dropout, at::ArrayRef<double> zoneout) {
+  const int64_t num_layers = s.num_layers, D = s.num_directions;
   const int64_t N = steps.rows(), H = s.hidden_size, P = s.output_size;
-  const at::TensorOptions opts = input.options().memory_format(at::MemoryFormat::Contiguous);
+  const at::ScalarType compute = compute_type(input);
+  if (compute != input.scalar_type()) {
+    for (CellParams& c : cells) c = with_small_params_in(std::move(c), compute);
+  }
+  const at::TensorOptions opts = input.options().dtype(compute).memory_format(at::MemoryFormat::Contiguous);
   const bool apply_dropout = dropout > 0 && train && num_layers > 1;
   TORCH_CHECK(recurrent_dropout >= 0 && recurrent_dropout <= 1,
               "recurrent_dropout probability has to be between 0 and 1, but got ", recurrent_dropout);
@@ -351,7 +369,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   const bool apply_zoneout = check_zoneout(zoneout);
   const bool layer_norm = CellName::parse(cell).layer_norm;
 
-  const Tensor h0 = hx.contiguous(), c0 = cx.contiguous();
+  const Tensor h0 = hx.to(compute).contiguous(), c0 = cx.to(compute).contiguous();
   // Every row of hy is written (each sequence has a step); cy carries the state from c0 in place.
   // A raw copy: clone's TensorIterator costs a decoding step more than the copy itself.
   Tensor hy = at::empty_like(h0), cy = at::empty_like(c0);
@@ -367,7 +385,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   // Inference projects the input a chunk of steps at a time into one buffer per direction, reused
   // across chunks and layers (see kInferenceChunkBytes).
   const int64_t chunk_steps =
-      need_workspace ? steps.count() : inference_chunk_steps(steps, D, D * 4 * H * input.element_size());
+      need_workspace ? steps.count() : inference_chunk_steps(steps, D, D * 4 * H * int64_t(c10::elementSize(compute)));
   std::vector<Tensor> scratch_gates;
   if (!need_workspace) {
     const int64_t rows = std::min(N, chunk_steps * steps.max_batch());
@@ -375,9 +393,9 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
   }
   const Tensor h_pre = cells.front().has_projection() ? at::empty({D, steps.max_batch(), H}, opts) : Tensor();
 
-  Tensor layer_input = input.reshape({N, s.input_size}).contiguous();
+  Tensor layer_input = input.reshape({N, s.input_size}).to(compute).contiguous();
   Tensor layer_output;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::forward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(compute, "lstm_ext::forward", [&] {
     with_cell(cell, [&]<typename Cell>() {
       const int threads = layer_threads<scalar_t>(steps, D, H, P);
       for (int64_t l = 0; l < num_layers; ++l) {
@@ -425,14 +443,12 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
           for (int64_t d = 0; d < D; ++d) {
             const auto [row_begin, row_end] = FullLayer{steps, d == 1}.rows_walked(k0, k1);
             weights[d].project_input(layer_input, row_begin, row_end, gates[d]);
-            if constexpr (pointwise::kVectorized<scalar_t>) {
-              if (layer_norm) {
-                const CellParams& cell = cells[l * D + d];
-                const auto data = data_or_null<scalar_t>;
-                normalize_input<scalar_t>(row_end - row_begin, row_begin, H, gates[d].data_ptr<scalar_t>(),
-                                          cell.layer_norm[0].data_ptr<scalar_t>(), data(cell.b_ih), data(cell.b_hh),
-                                          data(saved[d].layer_norm.input), data(saved[d].layer_norm.rstd));
-              }
+            if (layer_norm) {
+              const CellParams& cell = cells[l * D + d];
+              const auto data = data_or_null<scalar_t>;
+              normalize_input<scalar_t>(row_end - row_begin, row_begin, H, gates[d].data_ptr<scalar_t>(),
+                                        cell.layer_norm[0].data_ptr<scalar_t>(), data(cell.b_ih), data(cell.b_hh),
+                                        data(saved[d].layer_norm.input), data(saved[d].layer_norm.rstd));
             }
           }
           for_each_direction(D, threads, [&](int d, TeamMember member) {
@@ -455,13 +471,71 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
     });
   });
   Tensor output = s.dense ? layer_output.view({input.size(0), input.size(1), D * P}) : layer_output;
-  return {output, hy, cy, need_workspace ? ws.to_list() : std::vector<Tensor>{}};
+  const at::ScalarType type = input.scalar_type();
+  return {output.to(type), hy.to(type), cy.to(type), need_workspace ? ws.to_list() : std::vector<Tensor>{}};
+}
+
+std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
+    const Tensor& input, const std::optional<Tensor>& batch_sizes, const Tensor& hx, const Tensor& cx,
+    TensorList params, bool has_biases, int64_t num_layers, double dropout, bool train, bool bidirectional,
+    bool need_workspace, c10::string_view cell, std::optional<TensorList> cell_params, double recurrent_dropout,
+    at::ArrayRef<double> zoneout) {
+  TORCH_CHECK(num_layers > 0, "lstm_ext: num_layers must be positive, got ", num_layers);
+  std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * (bidirectional ? 2 : 1), cell_params, cell);
+  check_input(input, batch_sizes.has_value());
+  const Steps steps = make_steps(input, batch_sizes);
+  const StackShape s = check_forward_args(input, steps, hx, cx, cells, num_layers, bidirectional, dropout);
+  return forward_stack(input, steps, s, hx, cx, std::move(cells), dropout, train, need_workspace, cell,
+                       recurrent_dropout, zoneout);
+}
+
+// Inference with quantized weights (RNN.cpp's QuantizedCellParamsDynamic and QuantizedCellParamsFP16):
+// params as lstm_forward's, the weight matrices all int8, with `scales` (one [rows] float32 tensor
+// per matrix, w = q·scale row by row, in the matrices' order), or all float16 (no scales). The
+// input, states and biases are float32; the products read the narrow weights (see blas.h).
+std::tuple<Tensor, Tensor, Tensor> quantized_forward(const Tensor& input, const std::optional<Tensor>& batch_sizes,
+                                                     const Tensor& hx, const Tensor& cx, TensorList params,
+                                                     TensorList scales, bool has_biases, int64_t num_layers,
+                                                     bool bidirectional) {
+  TORCH_CHECK(num_layers > 0, "lstm_ext: num_layers must be positive, got ", num_layers);
+  std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * (bidirectional ? 2 : 1), {}, "lstm");
+  check_input(input, batch_sizes.has_value());
+  TORCH_CHECK(input.scalar_type() == at::kFloat, "lstm_ext: a quantized LSTM takes float32 input, got ",
+              input.scalar_type());
+  const at::ScalarType stored = cells.front().w_ih.scalar_type();
+  TORCH_CHECK(stored == at::kChar || stored == at::kHalf,
+              "lstm_ext: quantized weights are int8 (with scales) or float16, got ", stored);
+  const size_t matrices = cells.size() * (cells.front().has_projection() ? 3 : 2);
+  TORCH_CHECK(scales.size() == (stored == at::kChar ? matrices : 0), "lstm_ext: expected ",
+              stored == at::kChar ? matrices : 0, " weight scales for ", stored, " weights, got ", scales.size());
+  size_t next = 0;
+  const auto attach = [&](const Tensor& w, Tensor& scale, const char* name) {
+    TORCH_CHECK(w.scalar_type() == stored, "lstm_ext: every quantized weight has one type, got ", name, " in ",
+                w.scalar_type(), " after ", stored);
+    if (stored != at::kChar) return;
+    scale = scales[next++];
+    TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.dim() == 1 && scale.size(0) == w.size(0),
+                "lstm_ext: expected the scales of ", name, " to be a float32 tensor of ", w.size(0),
+                " values, got ", scale.scalar_type(), " of size ", scale.sizes());
+  };
+  for (CellParams& cell : cells) {
+    attach(cell.w_ih, cell.w_ih_scale, "weight_ih");
+    attach(cell.w_hh, cell.w_hh_scale, "weight_hh");
+    if (cell.has_projection()) attach(cell.w_hr, cell.w_hr_scale, "weight_hr");
+  }
+  const Steps steps = make_steps(input, batch_sizes);
+  const StackShape s = check_forward_args(input, steps, hx, cx, cells, num_layers, bidirectional, 0.0,
+                                          /*narrow_weights=*/true);
+  auto [output, hy, cy, workspace] = forward_stack(input, steps, s, hx, cx, std::move(cells), 0.0, false,
+                                                   /*need_workspace=*/false, "lstm", 0.0, {});
+  return {output, hy, cy};
 }
 
 // ---- backward ---------------------------------------------------------------------------------
 
-Tensor grad_or_zeros(const std::optional<Tensor>& grad, const Tensor& like) {
-  return grad.has_value() && grad->defined() ? grad->clone(at::MemoryFormat::Contiguous) : at::zeros_like(like, at::MemoryFormat::Contiguous);
+// A gradient the backward adds into, in `type`: a copy of `grad`, or zeros shaped like `like`.
+Tensor grad_or_zeros(const std::optional<Tensor>& grad, const Tensor& like, at::ScalarType type) {
+  return grad.has_value() && grad->defined() ? contiguous_copy(*grad, type) : at::zeros(like.sizes(), like.options().dtype(type));
 }
 
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
@@ -470,42 +544,45 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
     const std::optional<Tensor>& grad_hy, const std::optional<Tensor>& grad_cy, bool has_biases, int64_t num_layers,
     bool bidirectional, c10::string_view cell, std::optional<TensorList> cell_params, at::ArrayRef<double> zoneout) {
   const int64_t D = bidirectional ? 2 : 1;
-  TORCH_CHECK(!layer_norm_as_aten_ops(cell, input.scalar_type()), "lstm_ext::backward: cell '", cell, "' in ",
-              input.scalar_type(), " has no hand-written backward; differentiate lstm_ext::forward, which runs it "
-              "through lstm_ext::forward_differentiable");
   const bool layer_norm = CellName::parse(cell).layer_norm;
   // A layer-direction's cell parameters: layer norm's, then the cell's own.
   const int64_t unit_weights = unit_weight_count(cell), norm_weights = layer_norm ? kLayerNormWeights : 0;
-  const std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D, cell_params, cell);
+  const at::ScalarType compute = compute_type(input);
+  std::vector<CellParams> cells = gather_params(params, has_biases, num_layers * D, cell_params, cell);
+  if (compute != input.scalar_type()) {
+    for (CellParams& c : cells) c = with_small_params_in(std::move(c), compute);
+  }
+  const at::TensorOptions opts = hx.options().dtype(compute);
   const Workspace ws = Workspace::from_list(workspace);
   const Steps steps = make_steps(input, batch_sizes);
   const int64_t N = steps.rows(), H = cells.front().hidden_size(), P = cells.front().output_size();
   const int64_t per_cell = params.size() / cells.size();
 
-  Tensor grad_hx = grad_or_zeros(grad_hy, hx), grad_cx = grad_or_zeros(grad_cy, cx);
+  Tensor grad_hx = grad_or_zeros(grad_hy, hx, compute), grad_cx = grad_or_zeros(grad_cy, cx, compute);
   // The gradients of params, then of cell_params.
   std::vector<Tensor> grad_params(params.size() + cells.size() * unit_weights);
   Tensor grad_layer_output;  // dL/d(output of the current layer), [N, D*P]; undefined means zeros
   if (grad_output.has_value() && grad_output->defined()) {
-    grad_layer_output = grad_output->reshape({N, D * P}).contiguous();
+    grad_layer_output = grad_output->reshape({N, D * P}).to(compute).contiguous();
   }
-  const Tensor dh_pre = cells.front().has_projection() ? at::empty({D, steps.max_batch(), H}, hx.options()) : Tensor();
+  const Tensor dh_pre = cells.front().has_projection() ? at::empty({D, steps.max_batch(), H}, opts) : Tensor();
   // One set for all layers: fresh buffers this big cost their page faults again in every layer.
-  const Tensor all_dgates = blas::BlockPool::empty({D, N, 4 * H}, hx.options());
+  const Tensor all_dgates = blas::BlockPool::empty({D, N, 4 * H}, opts);
   // Without its masks in the workspace, the forward ran zoneout in eval.
   const Zoneout eval_zoneout = check_zoneout(zoneout) && ws.zoneout_cell_masks.numel() == 0
-                                   ? constant_zoneout(zoneout, N, H, P, hx.options())
+                                   ? constant_zoneout(zoneout, N, H, P, opts)
                                    : Zoneout{};
   const Tensor all_dh_rows =
-      cells.front().has_projection() ? blas::BlockPool::empty({D, N, P}, hx.options()) : Tensor();
+      cells.front().has_projection() ? blas::BlockPool::empty({D, N, P}, opts) : Tensor();
   // Layer norm's: dL/d(h_{t-1} W_hhᵀ) of every row, and the gradients of γ_hh, γ_c, β_c.
-  const Tensor all_drecurrent = layer_norm ? blas::BlockPool::empty({D, N, 4 * H}, hx.options()) : Tensor();
+  const Tensor all_drecurrent = layer_norm ? blas::BlockPool::empty({D, N, 4 * H}, opts) : Tensor();
   Tensor grad_input;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "lstm_ext::backward", [&] {
+  AT_DISPATCH_FLOATING_TYPES(compute, "lstm_ext::backward", [&] {
     with_cell(cell, [&]<typename Cell>() {
       const int threads = layer_threads<scalar_t>(steps, D, H, P);
       for (int64_t l = num_layers - 1; l >= 0; --l) {
-        const Tensor layer_input = l == 0 ? input.reshape({N, input.size(-1)}).contiguous() : ws.layer_inputs[l - 1];
+        const Tensor layer_input = l == 0 ? input.reshape({N, input.size(-1)}).to(compute).contiguous()
+                                          : ws.layer_inputs[l - 1];
         std::vector<Tensor> dgates, dh_rows, grad_outs, dhs, dcs, dh_pres, grad_unit_weights, recurrent_masks;
         std::vector<Zoneout> zoneouts;
         std::vector<DirectionSaved> saved;
@@ -517,7 +594,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           weights.push_back(PackedCell<scalar_t>::for_backward(cells[c], N));
           saved.push_back(ws.direction(c));
           if (layer_norm) {
-            norm_grads.push_back(at::zeros({6 * H}, hx.options()));
+            norm_grads.push_back(at::zeros({6 * H}, opts));
             norms.push_back(layer_norm_step<scalar_t>(cells[c], Tensor(), saved[d].layer_norm, norm_grads[d]));
           }
           dgates.push_back(all_dgates[d]);
@@ -532,7 +609,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
                                  : eval_zoneout);
           grad_unit_weights.push_back(
               Cell::kUnitWeights > 0
-                  ? at::zeros({Cell::kUnitWeights, H}, hx.options().dtype(at::toOpMathType(hx.scalar_type())))
+                  ? at::zeros({Cell::kUnitWeights, H}, opts)
                   : Tensor());
         }
         for_each_direction(D, threads, [&](int d, TeamMember member) {
@@ -542,26 +619,24 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
               layer_norm ? all_drecurrent[d] : Tensor(), member);
         });
         // Weight gradients as a few GEMMs over all steps at once.
-        Tensor grad_layer_input = blas::BlockPool::empty({N, layer_input.size(1)}, hx.options());
+        Tensor grad_layer_input = blas::BlockPool::empty({N, layer_input.size(1)}, opts);
         for (int64_t d = 0; d < D; ++d) {
           const int64_t c = l * D + d;
           const CellParams& cell = cells[c];
           Tensor* grads = grad_params.data() + c * per_cell;
           Tensor* grad_cell_params = grad_params.data() + params.size() + c * unit_weights;
-          grads[0] = blas::BlockPool::empty(cell.w_ih.sizes(), cell.w_ih.options());
-          grads[1] = blas::BlockPool::empty(cell.w_hh.sizes(), cell.w_hh.options());
+          grads[0] = blas::BlockPool::empty(cell.w_ih.sizes(), opts);
+          grads[1] = blas::BlockPool::empty(cell.w_hh.sizes(), opts);
           // The gradient of x W_ihᵀ: the pre-activations', or with layer norm its input LN's.
           Tensor dinput = dgates[d];
           if (layer_norm) {
-            if constexpr (pointwise::kVectorized<scalar_t>) {
-              const LayerNormSaved& kept = saved[d].layer_norm;
-              dinput = blas::BlockPool::empty(dgates[d].sizes(), dgates[d].options());
-              normalize_input_backward<scalar_t>(N, H, dgates[d].data_ptr<scalar_t>(),
-                                                 cell.layer_norm[0].data_ptr<scalar_t>(),
-                                                 kept.input.data_ptr<scalar_t>(), kept.rstd.data_ptr<scalar_t>(),
-                                                 dinput.data_ptr<scalar_t>());
-              grad_cell_params[0] = (dgates[d] * kept.input).sum(0);
-            }
+            const LayerNormSaved& kept = saved[d].layer_norm;
+            dinput = blas::BlockPool::empty(dgates[d].sizes(), dgates[d].options());
+            normalize_input_backward<scalar_t>(N, H, dgates[d].data_ptr<scalar_t>(),
+                                               cell.layer_norm[0].data_ptr<scalar_t>(),
+                                               kept.input.data_ptr<scalar_t>(), kept.rstd.data_ptr<scalar_t>(),
+                                               dinput.data_ptr<scalar_t>());
+            grad_cell_params[0] = (dgates[d] * kept.input).sum(0);
             for (int64_t k = 1; k < kLayerNormWeights; ++k) {
               grad_cell_params[k] = norm_grads[d].narrow(0, k == 1 ? 0 : (k + 2) * H, k == 1 ? 4 * H : H);
             }
@@ -576,11 +651,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           }
           if (cell.has_projection()) {
             const Tensor hidden_pre = saved[d].gates.narrow(1, 3 * H, H) * saved[d].tanh_cells;
-            grads[per_cell - 1] = blas::BlockPool::empty(cell.w_hr.sizes(), cell.w_hr.options());
+            grads[per_cell - 1] = blas::BlockPool::empty(cell.w_hr.sizes(), opts);
             PackedCell<scalar_t>::weight_gradient(dh_rows[d], hidden_pre, grads[per_cell - 1]);
           }
           for (int64_t k = 0; k < Cell::kUnitWeights; ++k) {
-            grad_cell_params[norm_weights + k] = grad_unit_weights[d][k].to(hx.scalar_type());
+            grad_cell_params[norm_weights + k] = grad_unit_weights[d][k];
           }
           weights[d].input_gradient(dinput, grad_layer_input, /*accumulate=*/d > 0);
         }
@@ -590,7 +665,13 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
       grad_input = grad_layer_output.view(input.sizes());
     });
   });
-  return {grad_input, grad_hx, grad_cx, grad_params};
+  // Each gradient in its argument's type (computed in `compute`).
+  const TensorList cell_weights = cell_params.value_or(TensorList());
+  for (size_t k = 0; k < grad_params.size(); ++k) {
+    const Tensor& argument = k < params.size() ? params[k] : cell_weights[k - params.size()];
+    if (grad_params[k].defined()) grad_params[k] = grad_params[k].to(argument.scalar_type());
+  }
+  return {grad_input.to(input.scalar_type()), grad_hx.to(hx.scalar_type()), grad_cx.to(cx.scalar_type()), grad_params};
 }
 
 // ---- differentiable recomputation ---------------------------------------------------------------
@@ -634,13 +715,13 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
       const int64_t c = l * D + d;
       Tensor recurrent_mask;
       if (apply_recurrent_dropout) {
-        recurrent_mask = replay_recurrent ? (*recurrent_masks)[c]
+        recurrent_mask = replay_recurrent ? (*recurrent_masks)[c].to(input.scalar_type())
                                           : draw_dropout_mask(at::empty({steps.max_batch(), s.output_size},
                                                                         input.options()), recurrent_dropout);
       }
       Zoneout zone = eval_zoneout;
       if (replay_zoneout) {
-        zone = {(*zoneout_masks)[0][c], (*zoneout_masks)[1][c]};
+        zone = {(*zoneout_masks)[0][c].to(input.scalar_type()), (*zoneout_masks)[1][c].to(input.scalar_type())};
       } else if (apply_zoneout && train) {
         zone = draw_zoneout(zoneout, at::empty({N, H}, input.options()), at::empty({N, P}, input.options()));
       }
@@ -657,7 +738,8 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
     layer_input = D == 1 ? outputs.front() : at::cat(outputs, 1);
     if (apply_dropout && l < num_layers - 1) {
       layer_input =
-          layer_input * (replay ? (*dropout_masks)[l] : draw_dropout_mask(at::empty_like(layer_input), dropout));
+          layer_input * (replay ? (*dropout_masks)[l].to(input.scalar_type())
+                                : draw_dropout_mask(at::empty_like(layer_input), dropout));
     }
   }
   const Tensor output = s.dense ? layer_input.view({input.size(0), input.size(1), -1}) : layer_input;
@@ -666,37 +748,9 @@ std::tuple<Tensor, Tensor, Tensor> lstm_forward_differentiable(
 
 }  // namespace
 
-TORCH_LIBRARY(lstm_ext, m) {
-  m.def(
-      "forward(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, bool has_biases, "
-      "int num_layers, float dropout, bool train, bool bidirectional, bool need_workspace, str cell=\"lstm\", "
-      "Tensor[]? cell_params=None, float recurrent_dropout=0., float[] zoneout=[]) "
-      "-> (Tensor output, Tensor hy, Tensor cy, Tensor[] workspace)");
-  m.def(
-      "backward(Tensor input, Tensor? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, Tensor[] workspace, "
-      "Tensor? grad_output, Tensor? grad_hy, Tensor? grad_cy, bool has_biases, int num_layers, bool bidirectional, "
-      "str cell=\"lstm\", Tensor[]? cell_params=None, float[] zoneout=[]) "
-      "-> (Tensor grad_input, Tensor grad_hx, Tensor grad_cx, Tensor[] grad_params)");
-  m.def(
-      "forward_differentiable(Tensor input, int[]? batch_sizes, Tensor hx, Tensor cx, Tensor[] params, "
-      "bool has_biases, int num_layers, float dropout, bool train, bool bidirectional, Tensor? dropout_masks, "
-      "str cell=\"lstm\", Tensor[]? cell_params=None, float recurrent_dropout=0., Tensor? recurrent_masks=None, "
-      "float[] zoneout=[], Tensor[]? zoneout_masks=None) "
-      "-> (Tensor output, Tensor hy, Tensor cy)");
-}
-
-TORCH_LIBRARY_IMPL(lstm_ext, CPU, m) {
-  m.impl("forward", &lstm_forward);
-  m.impl("backward", &lstm_backward);
-}
-
-TORCH_LIBRARY_IMPL(lstm_ext, CompositeImplicitAutograd, m) {
-  m.impl("forward_differentiable", &lstm_forward_differentiable);
-}
-
-// Under vmap, too, it decomposes into ATen ops (which have batching rules).
-TORCH_LIBRARY_IMPL(lstm_ext, FuncTorchBatchedDecomposition, m) {
-  m.impl("forward_differentiable", &lstm_forward_differentiable);
+// This capability's kernels (see ops.h).
+Kernels kernels() {
+  return {&lstm_forward, &lstm_backward, &lstm_forward_differentiable, &quantized_forward};
 }
 
 }  // namespace lstm_ext

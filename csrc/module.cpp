@@ -73,4 +73,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto without_gil = pybind11::call_guard<pybind11::gil_scoped_release>();
   m.def("forward", &lstm_ext::forward, without_gil);
   m.def("lstm_cell", &lstm_ext::lstm_cell, without_gil);
+  m.def("kernels_capability", &lstm_ext::kernels_capability,
+        "The instruction set whose kernels run: DEFAULT, AVX2 or AVX512 (see csrc/ops.cpp)");
 }

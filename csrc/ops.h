@@ -1,5 +1,6 @@
-// lstm_ext::forward as a C++ call through the dispatcher: every kernel above the CPU one applies
-// (autograd, autocast, Python dispatch modes), as for torch.ops.lstm_ext.forward from Python.
+// The operators' signatures and kernels, and lstm_ext::forward as a C++ call through the
+// dispatcher: every kernel above the CPU one applies (autograd, autocast, Python dispatch modes),
+// as for torch.ops.lstm_ext.forward from Python.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -9,6 +10,39 @@
 #include <vector>
 
 namespace lstm_ext {
+
+using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, at::TensorList, bool,
+    int64_t, double, bool, bool, bool, c10::string_view, std::optional<at::TensorList>, double,
+    at::ArrayRef<double>);
+using BackwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, at::TensorList,
+    at::TensorList, const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, bool, int64_t, bool, c10::string_view, std::optional<at::TensorList>,
+    at::ArrayRef<double>);
+using ForwardDifferentiableSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, at::OptionalIntArrayRef, const at::Tensor&, const at::Tensor&, at::TensorList, bool, int64_t,
+    double, bool, bool, const std::optional<at::Tensor>&, c10::string_view, std::optional<at::TensorList>, double,
+    const std::optional<at::Tensor>&, at::ArrayRef<double>, std::optional<at::TensorList>);
+using QuantizedForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, at::TensorList,
+    at::TensorList, bool, int64_t, bool);
+
+// The operators' CPU kernels for one instruction set: lstm.cpp, compiled once per capability of
+// ATen's (kernels_default.cpp, kernels_avx2.cpp, kernels_avx512.cpp). ops.cpp registers the set
+// of the best capability the CPU has, as at::get_cpu_capability() reports it.
+struct Kernels {
+  ForwardSignature* forward;
+  BackwardSignature* backward;
+  ForwardDifferentiableSignature* forward_differentiable;
+  QuantizedForwardSignature* quantized_forward;
+};
+Kernels default_kernels();
+Kernels avx2_kernels();
+Kernels avx512_kernels();
+
+// The capability whose kernels run: "DEFAULT", "AVX2" or "AVX512".
+const char* kernels_capability();
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> call_forward(
     const at::Tensor& input, const std::optional<at::Tensor>& batch_sizes, const at::Tensor& hx, const at::Tensor& cx,

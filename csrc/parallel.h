@@ -24,7 +24,7 @@
 #define LSTM_EXT_CPU_RELAX() std::this_thread::yield()
 #endif
 
-namespace lstm_ext {
+namespace lstm_ext::inline CPU_CAPABILITY {
 
 class SpinBarrier {
  public:

@@ -10,26 +10,22 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CSRC = REPO_ROOT / "csrc"
 # OpenMP: the recurrent loop's threads are torch's OpenMP team (libgomp is already loaded by torch).
 EXTRA_LDFLAGS = ["-fopenmp"]
-# at::vec compiles to AVX-512 or AVX2 (and Sleef's exp/tanh inside libtorch) only when told the CPU
-# has it: the flags of ATen's own kernels of each capability.
-CPU_CAPABILITY_CFLAGS = {
-    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX512",
-               "-DCPU_CAPABILITY_AVX512"],
-    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
-}
+# The baseline every x86-64 CPU runs: ATen's DEFAULT capability. The kernels of the wider
+# instruction sets are compiled beside it (csrc/kernels_avx2.cpp, kernels_avx512.cpp set their own
+# target) and chosen when the library loads (csrc/ops.cpp), so a build runs on any x86-64 CPU.
+BASELINE_CFLAGS = ["-O3", "-fopenmp", "-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
 
 
 def extra_cflags() -> list[str]:
-    """Compiler flags for every build path: code for the vector instructions of the building
-    machine's CPU, as torch reports them (torch.backends.cpu.get_cpu_capability()). To build for
-    an older CPU than this one, set ATEN_CPU_CAPABILITY (avx2, default) for the build."""
-    import torch
-
-    return ["-O3", "-fopenmp", *CPU_CAPABILITY_CFLAGS.get(torch.backends.cpu.get_cpu_capability(), [])]
+    """Compiler flags for every build path (the same on every machine: no -march of the builder)."""
+    return list(BASELINE_CFLAGS)
 
 
 def sources(root: Path = REPO_ROOT) -> list[str]:
-    """The C++ sources of the extension, as paths under ``root``."""
+    """The C++ sources of the extension, as paths under ``root``, in link order: the baseline
+    files first, then the kernels from the narrowest instruction set to the widest, so that the
+    linker keeps the baseline copy of any inline function (a torch header's) that several of them
+    compile, never one built for instructions the CPU may lack."""
     names = (root / "csrc" / "sources.txt").read_text().split()
     return [str(root / "csrc" / name) for name in names]
 

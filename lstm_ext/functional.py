@@ -152,7 +152,9 @@ def lstm_cell(
     params = [w_ih, w_hh, b_ih, b_hh] if has_biases else [w_ih, w_hh]
     params, cell_args = _split_variant(params, train, 1, False, variant)
     try:
-        if not cell_args and _runs_in_cpp(input, h0, c0, *params):
+        # A step straight to lstm_ext._C, unless autocast casts its states (through the operator's
+        # AutocastCPU kernel: _forward, then the states' dtype below).
+        if not cell_args and not _is_autocast_enabled("cpu") and _runs_in_cpp(input, h0, c0, *params):
             return _C.lstm_cell(input, h0, c0, w_ih, w_hh, b_ih, b_hh)
         _, hy, cy = _forward(input.unsqueeze(0), None, h0.unsqueeze(0), c0.unsqueeze(0), params, has_biases, 1, 0.0,
                              train, False, cell_args)
@@ -161,7 +163,7 @@ def lstm_cell(
         # run only when it failed: they cost a decoding step ~10% of its time.
         _check_cell_args(input, h0, c0, w_ih, w_hh)
         raise
-    if torch.is_autocast_enabled("cpu"):
+    if _is_autocast_enabled("cpu"):
         # Native's lstm_cell is not on autocast's list, only its matrix products are: the new
         # states come out in the type of the cell state's update, f * c0 + i * g.
         state_dtype = torch.promote_types(torch.get_autocast_dtype("cpu"), c0.dtype)
@@ -211,13 +213,7 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         cell_args = (cell_args[0], cell_params, *cell_args[2:]) if cell_args else ()
     options = (has_biases, num_layers, float(dropout), train, bidirectional)
     transform = _transform_of(input, hx, cx, *params, *cell_params)
-    # Layer norm in bfloat16/float16 has no hand-written backward and no batching rule: autograd
-    # and every transform go through its ATen ops (see lstm_ext::forward in csrc/lstm.cpp).
-    # Traced, the operator's own Autograd kernel does the same.
-    aten_ops = bool(cell_args) and _layer_norm_as_aten_ops(cell_args[0], input.dtype) and not torch.jit.is_tracing()
-    if transform == "differentiable" or (
-        aten_ops and (transform == "vmap" or _needs_grad(input, hx, cx, *params, *cell_params))
-    ):
+    if transform == "differentiable":
         args = (input, _as_list(batch_sizes), hx, cx, params, *options, None, *_differentiable_tail(cell_args))
         return _ops.forward_differentiable(*args)
     if transform == "vmap":
@@ -246,13 +242,13 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
 def _runs_in_cpp(*tensors) -> bool:
     """Whether an eager call goes straight to ``lstm_ext._C`` (csrc/module.cpp), which calls the
     operator through the dispatcher from C++, autograd included: nothing around the call that this
-    module handles itself (a transform, forward-mode AD, autocast's casts, tracing, compiling, a
-    ``__torch_function__``)."""
+    module handles itself (a transform, forward-mode AD, tracing, compiling, a ``__torch_function__``).
+    Under autocast the operator's AutocastCPU kernel casts through autocast's weight cache: a
+    decoding loop casts its weights once, not at every step."""
     return not (
         _is_compiling()
         or _functorch_transforms_active()
         or forward_ad._current_level >= 0
-        or _is_autocast_enabled("cpu")
         or _is_tracing()
         or _has_torch_function(tensors)
     )
@@ -284,10 +280,6 @@ def _check_tensors(input, batch_sizes, *tensors):
     if batch_sizes is not None and batch_sizes.device.type != "cpu":
         raise RuntimeError(f"lstm_ext: batch_sizes must be a CPU tensor, got one on {batch_sizes.device}")
 
-
-def _layer_norm_as_aten_ops(cell, dtype):
-    """Whether lstm_ext::forward runs a cell as ATen ops (csrc/layer.h, layer_norm_as_aten_ops)."""
-    return cells.is_layer_normalised(cell) and dtype not in (torch.float32, torch.float64)
 
 
 def _needs_grad(*tensors):
@@ -515,24 +507,30 @@ def _forward_fake(
     hidden, proj = cx.shape[-1], hx.shape[-1]
     output = input.new_empty((*input.shape[:-1], directions * proj))
     workspace = []
-    if need_workspace and not _layer_norm_as_aten_ops(cell, input.dtype):
+    if need_workspace:
+        # In the type the operator computes in: bfloat16 and float16 compute in float32.
+        compute = torch.float64 if input.dtype == torch.float64 else torch.float32
+
+        def empty(shape):
+            return input.new_empty(shape, dtype=compute)
+
         rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
         states, between, width = num_layers * directions, num_layers - 1, directions * proj
         with_dropout = dropout > 0 and train and num_layers > 1
         workspace = [
-            input.new_empty((states, rows, 4 * hidden)),
-            input.new_empty((states, rows, hidden)),
-            input.new_empty((states, rows, hidden)),
-            input.new_empty((states, rows, proj)),
-            input.new_empty((between, rows, width)),
-            input.new_empty((between, rows, width) if with_dropout else (0,)),
-            input.new_empty((states, hx.shape[1], proj) if recurrent_dropout > 0 and train else (0,)),
-            input.new_empty((states, rows, hidden) if any(zoneout) and train else (0,)),
-            input.new_empty((states, rows, proj) if any(zoneout) and train else (0,)),
+            empty((states, rows, 4 * hidden)),
+            empty((states, rows, hidden)),
+            empty((states, rows, hidden)),
+            empty((states, rows, proj)),
+            empty((between, rows, width)),
+            empty((between, rows, width) if with_dropout else (0,)),
+            empty((states, hx.shape[1], proj) if recurrent_dropout > 0 and train else (0,)),
+            empty((states, rows, hidden) if any(zoneout) and train else (0,)),
+            empty((states, rows, proj) if any(zoneout) and train else (0,)),
         ]
         layer_norm = cells.is_layer_normalised(cell)
         for width in (4 * hidden, 4 * hidden, hidden, 3):
-            workspace.append(input.new_empty((states, rows, width) if layer_norm else (0,)))
+            workspace.append(empty((states, rows, width) if layer_norm else (0,)))
     return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), workspace
 
 
