@@ -202,7 +202,9 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
     forward operator's trailing arguments (see _backward_tail, _differentiable_tail)."""
     params = list(params)
     cell_params = cell_args[1] if cell_args else []
-    if _runs_in_cpp(input, hx, cx, *params, *cell_params):
+    # Under autocast, a variant's call casts below (_autocast): the operator's AutocastCPU kernel
+    # casts its tensors and tensor lists, not the optional list of cell parameters.
+    if not (cell_args and _is_autocast_enabled("cpu")) and _runs_in_cpp(input, hx, cx, *params, *cell_params):
         variant = cell_args or ("lstm", [], 0.0, [])
         return _C.forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
                           *variant)

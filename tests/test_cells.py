@@ -414,23 +414,29 @@ def test_layer_norm_is_the_cell_name_prefix():
             lstm_ext.LSTM(3, 4, cell=cell)
 
 
-def test_layer_norm_in_bfloat16_runs_as_aten_ops():
-    """The fused passes have layer norm in float and double; bfloat16 and float16 take its ATen
-    ops, differentiated by autograd, and the backward operator says so."""
+def test_layer_norm_in_bfloat16_runs_the_fused_passes():
+    """bfloat16 and float16 compute in float32, layer norm too: the fused passes keep a float32
+    workspace, and the hand-written backward's gradients follow the float64 reference's."""
     f, primals = functional_case("layer_norm")
     input, h0, c0, *weights = [p.detach().bfloat16().requires_grad_() for p in primals]
     params, cell_params = weights[:-16], weights[-16:]
     args = (input, None, h0, c0, params, True, 2, 0.0, True, True)
     output, hy, cy, workspace = torch.ops.lstm_ext.forward(*args, True, "layer_norm", cell_params)
-    assert workspace == [] and output.grad_fn is not None
-    torch.testing.assert_close(output.double(), f(*primals)[0], atol=5e-2, rtol=5e-2)
-    with pytest.raises(RuntimeError, match="in BFloat16 has no hand-written backward"):
-        torch.ops.lstm_ext.backward(input, None, h0, c0, params, workspace, output, None, None, True, 2, True,
-                                    "layer_norm", cell_params)
+    assert output.dtype == torch.bfloat16 and workspace and all(w.dtype == torch.float32 for w in workspace)
+    # The oracle: the same math in float64 on the bfloat16-rounded values.
+    rounded = [p.detach().double().requires_grad_() for p in (input, h0, c0, *weights)]
+    expected = f(*rounded)[0]
+    torch.testing.assert_close(output.double(), expected, atol=2e-2, rtol=2e-2)
+    grad_output = torch.randn(output.shape, dtype=torch.float64).bfloat16()
+    grads = torch.autograd.grad(output, [input, h0, c0, *weights], grad_output)
+    expected_grads = torch.autograd.grad(expected, rounded, grad_output.double())
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert grad.dtype == torch.bfloat16
+        torch.testing.assert_close(grad.double(), expected_grad, atol=2e-2, rtol=2e-2)
 
 
 def test_layer_norm_under_autocast_follows_float32():
-    """bfloat16 under autocast (the ATen-op path), gradients reaching the float32 parameters."""
+    """bfloat16 under autocast, gradients reaching the float32 parameters."""
     torch.manual_seed(0)
     module = lstm_ext.LSTM(INPUT_SIZE, HIDDEN_SIZE, num_layers=2, layer_norm=True, peephole=True)
     input = torch.randn(SEQ_LEN, BATCH, INPUT_SIZE)
