@@ -42,31 +42,18 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> call_forward(
                  need_workspace, cell, cell_params, recurrent_dropout, zoneout);
 }
 
-namespace {
-
-using torch::autograd::AutogradContext;
-using torch::autograd::variable_list;
-
-// A cell variant's name and options, as the operators take them after their plain-LSTM arguments.
-struct Variant {
-  std::string cell;
-  double recurrent_dropout;
-  std::vector<double> zoneout;
-};
-
-std::optional<Tensor> defined_or_none(const Tensor& grad) {
-  return grad.defined() ? std::optional<Tensor>(grad) : std::nullopt;
-}
-
 // The backward as autograd through lstm_ext::forward_differentiable, replaying the forward's
 // masks (the workspace's from index 5 on: dropout's, recurrent dropout's, zoneout's): differentiable
 // itself when grad mode is on (create_graph). The gradients of input, hx, cx, each weight and
 // each cell parameter (leaves in that order, num_params weights), undefined where that one does
-// not require grad. (The same as functional.py's _recomputed_backward, for lstm_ext.lstm.)
-variable_list recomputed_backward(const variable_list& leaves, int64_t num_params,
-                                  const std::optional<Tensor>& batch_sizes, TensorList workspace, bool has_biases,
-                                  int64_t num_layers, bool bidirectional, const Variant& variant,
-                                  const variable_list& grads) {
+// not require grad. The one recomputed backward: this file's LSTMFunction and functional.py's
+// _LSTMFunction (through lstm_ext._C, module.cpp) both call it.
+std::vector<Tensor> recomputed_backward(const std::vector<Tensor>& leaves, int64_t num_params,
+                                        const std::optional<Tensor>& batch_sizes, TensorList workspace,
+                                        bool has_biases, int64_t num_layers, bool bidirectional,
+                                        c10::string_view cell, double recurrent_dropout, at::ArrayRef<double> zoneout,
+                                        const std::vector<Tensor>& grads) {
+  using torch::autograd::variable_list;
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("lstm_ext::forward_differentiable", "")
                              .typed<ForwardDifferentiableSignature>();
@@ -79,8 +66,8 @@ variable_list recomputed_backward(const variable_list& leaves, int64_t num_param
     const TensorList all(leaves);
     const auto [output, hy, cy] =
         op.call(leaves[0], size_list, leaves[1], leaves[2], all.slice(3, num_params), has_biases, num_layers, 0.0,
-                false, bidirectional, workspace[5], variant.cell, all.slice(3 + num_params), variant.recurrent_dropout,
-                workspace[6], variant.zoneout, workspace.slice(7, 2));
+                false, bidirectional, workspace[5], cell, all.slice(3 + num_params), recurrent_dropout,
+                workspace[6], zoneout, workspace.slice(7, 2));
     const Tensor outputs[] = {output, hy, cy};
     for (size_t i = 0; i < 3; ++i) {
       if (grads[i].defined()) {
@@ -100,6 +87,22 @@ variable_list recomputed_backward(const variable_list& leaves, int64_t num_param
   size_t next = 0;
   for (const Tensor& leaf : leaves) result.push_back(leaf.requires_grad() ? found[next++] : Tensor());
   return result;
+}
+
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+// A cell variant's name and options, as the operators take them after their plain-LSTM arguments.
+struct Variant {
+  std::string cell;
+  double recurrent_dropout;
+  std::vector<double> zoneout;
+};
+
+std::optional<Tensor> defined_or_none(const Tensor& grad) {
+  return grad.defined() ? std::optional<Tensor>(grad) : std::nullopt;
 }
 
 // A step's [B, *] tensor as the operator's one-step [1, B, *] (undefined stays undefined).
@@ -196,7 +199,7 @@ class LSTMFunction : public torch::autograd::Function<LSTMFunction> {
     if (recompute) {
       const variable_list leaves(saved.begin(), saved.begin() + 3 + num_params + num_cell_params);
       result = recomputed_backward(leaves, num_params, batch_sizes, workspace, has_biases, num_layers, bidirectional,
-                                   variant, grads);
+                                   variant.cell, variant.recurrent_dropout, variant.zoneout, grads);
     } else {
       at::AutoDispatchBelowADInplaceOrView below_autograd;
       auto [grad_input, grad_hx, grad_cx, grad_params] =

@@ -2,10 +2,11 @@
 // register the operators with the dispatcher (lstm.cpp, dispatch.cpp); Python calls them as
 // torch.ops.lstm_ext.*.
 //
-// Its two functions are lstm_ext.lstm's and lstm_ext.lstm_cell's eager calls (functional.py): the
+// Its first two functions are lstm_ext.lstm's and lstm_ext.lstm_cell's eager calls (functional.py): the
 // same operator, called through the dispatcher from C++, so that autograd is dispatch.cpp's C++
 // LSTMFunction. From Python, torch.ops boxes every argument and an autograd.Function runs its
-// bookkeeping in Python: most of a decoding step's call at small sizes.
+// bookkeeping in Python: most of a decoding step's call at small sizes. recomputed_backward is
+// dispatch.cpp's, for functional.py's autograd.Function under create_graph: one of it, in C++.
 #include <torch/extension.h>
 
 #include "ops.h"
@@ -64,6 +65,23 @@ std::tuple<Tensor, Tensor> lstm_cell(const Tensor& input, const Tensor& hx, cons
   return call_step(input, hx, cx, params, has_biases);
 }
 
+// recomputed_backward (ops.h) for functional.py's _LSTMFunction; None for an absent gradient.
+std::vector<std::optional<Tensor>> recompute_backward(const std::vector<Tensor>& leaves, int64_t num_params,
+                                                      const std::optional<Tensor>& batch_sizes,
+                                                      const std::vector<Tensor>& workspace, bool has_biases,
+                                                      int64_t num_layers, bool bidirectional, const std::string& cell,
+                                                      double recurrent_dropout, const std::vector<double>& zoneout,
+                                                      const std::vector<std::optional<Tensor>>& grads) {
+  std::vector<Tensor> given;
+  for (const std::optional<Tensor>& grad : grads) given.push_back(grad.value_or(Tensor()));
+  std::vector<std::optional<Tensor>> result;
+  for (Tensor& grad : recomputed_backward(leaves, num_params, batch_sizes, workspace, has_biases, num_layers,
+                                          bidirectional, cell, recurrent_dropout, zoneout, given)) {
+    result.push_back(grad.defined() ? std::optional<Tensor>(std::move(grad)) : std::nullopt);
+  }
+  return result;
+}
+
 }  // namespace
 }  // namespace lstm_ext
 
@@ -73,6 +91,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   const auto without_gil = pybind11::call_guard<pybind11::gil_scoped_release>();
   m.def("forward", &lstm_ext::forward, without_gil);
   m.def("lstm_cell", &lstm_ext::lstm_cell, without_gil);
+  // Without the GIL also because the autograd engine it runs refuses a caller holding it.
+  m.def("recomputed_backward", &lstm_ext::recompute_backward, without_gil,
+        "The backward by differentiating lstm_ext::forward_differentiable (see csrc/ops.h)");
   m.def("kernels_capability", &lstm_ext::kernels_capability,
         "The instruction set whose kernels run: DEFAULT, AVX2 or AVX512 (see csrc/ops.cpp)");
 }

@@ -50,6 +50,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>> call_for
     bool need_workspace, c10::string_view cell, std::optional<at::TensorList> cell_params, double recurrent_dropout,
     at::ArrayRef<double> zoneout);
 
+// The backward as autograd through lstm_ext::forward_differentiable, replaying the forward's masks
+// from `workspace` (dispatch.cpp): what both autograd Functions (dispatch.cpp's, functional.py's
+// through lstm_ext._C) run under create_graph or for batched gradients. `leaves` are input, hx,
+// cx, the num_params weights, then the cell parameters; `grads` those of output, hy and cy
+// (undefined: none). Returns one gradient per leaf, undefined where it does not require grad.
+std::vector<at::Tensor> recomputed_backward(const std::vector<at::Tensor>& leaves, int64_t num_params,
+                                            const std::optional<at::Tensor>& batch_sizes, at::TensorList workspace,
+                                            bool has_biases, int64_t num_layers, bool bidirectional,
+                                            c10::string_view cell, double recurrent_dropout,
+                                            at::ArrayRef<double> zoneout, const std::vector<at::Tensor>& grads);
+
 // One step of the plain cell on [B, *] input and states: lstm_ext::forward on one step of one
 // layer, its new (hy, cy) as [B, *]. Autograd records it as one node (dispatch.cpp's
 // LSTMFunction), where views around the operator's call would add five.

@@ -410,12 +410,12 @@ def _backward_tail(cell_args):
     return (*cell_args[:2], cell_args[3]) if cell_args else ()
 
 
-def _differentiable_tail(cell_args, recurrent_masks=None, zoneout_masks=None):
-    """forward_differentiable's trailing arguments, with the masks of a forward to replay."""
+def _differentiable_tail(cell_args):
+    """forward_differentiable's trailing arguments (no masks to replay: it draws its own)."""
     if not cell_args:
         return ()
     cell, cell_params, recurrent_dropout, zoneout = cell_args
-    return cell, cell_params, recurrent_dropout, recurrent_masks, zoneout, zoneout_masks
+    return cell, cell_params, recurrent_dropout, None, zoneout, None
 
 
 def _save_for_backward(ctx, input, batch_sizes, hx, cx, params, workspace, options, cell_args):
@@ -442,8 +442,14 @@ def _run_backward(ctx, grad_output, grad_hy, grad_cy):
     if torch.is_grad_enabled() or any(_is_batched(g) for g in grads):
         # create_graph (double backward) or batched gradients (is_grads_batched): the
         # hand-written backward has no derivative and no batching rule, so differentiate the
-        # differentiable recomputation instead.
-        return _recomputed_backward(input, batch_sizes, hx, cx, params, workspace, ctx.options, grads, cell_args)
+        # differentiable recomputation instead: the C++ one (csrc/dispatch.cpp), as the
+        # operator's own autograd does.
+        cell, cell_params, recurrent_dropout, zoneout = cell_args or ("lstm", [], 0.0, [])
+        grad_input, grad_hx, grad_cx, *grad_params = _C.recomputed_backward(
+            [input, hx, cx, *params, *cell_params], len(params), batch_sizes, workspace, *ctx.options, cell,
+            recurrent_dropout, zoneout, grads,
+        )
+        return grad_input, grad_hx, grad_cx, grad_params
     args = (input, batch_sizes, hx, cx, params, workspace, grad_output, grad_hy, grad_cy, *ctx.options)
     args = (*args, *_backward_tail(cell_args))
     grad_input, grad_hx, grad_cx, grad_params = _below_autograd(_ops.backward, *args)
@@ -456,35 +462,6 @@ def _is_batched(tensor):
         and not torch.compiler.is_compiling()
         and torch._C._functorch.is_legacy_batchedtensor(tensor)
     )
-
-
-def _recomputed_backward(input, batch_sizes, hx, cx, params, workspace, options, grads, cell_args):
-    """The backward as autograd through lstm_ext::forward_differentiable, replaying the forward's
-    masks (dropout's, recurrent dropout's, zoneout's): differentiable itself when grad mode is on (create_graph)."""
-    has_biases, num_layers, bidirectional = options
-    dropout_masks, recurrent_masks, *zoneout_masks = workspace[5:9]
-    replayed = _differentiable_tail(cell_args, recurrent_masks, zoneout_masks)
-    with torch.enable_grad():
-        outputs = _ops.forward_differentiable(
-            input, _as_list(batch_sizes), hx, cx, params, has_biases, num_layers, 0.0, False, bidirectional,
-            dropout_masks, *replayed,
-        )
-    used = [(output, grad) for output, grad in zip(outputs, grads) if grad is not None]
-    leaves = (input, hx, cx, *params, *(cell_args[1] if cell_args else ()))
-    wanted = [leaf for leaf in leaves if leaf.requires_grad]
-    found = iter(
-        torch.autograd.grad(
-            [output for output, _ in used],
-            wanted,
-            [grad for _, grad in used],
-            create_graph=torch.is_grad_enabled(),
-            allow_unused=True,
-        )
-        if used and wanted
-        else [None] * len(wanted)
-    )
-    grad_input, grad_hx, grad_cx, *grad_params = [next(found) if leaf.requires_grad else None for leaf in leaves]
-    return grad_input, grad_hx, grad_cx, grad_params
 
 
 def _backward_not_differentiable(ctx, *grads):
