@@ -43,7 +43,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> call_forward(
 }
 
 // The backward as autograd through lstm_ext::forward_differentiable, replaying the forward's
-// masks (the workspace's from index 5 on: dropout's, recurrent dropout's, zoneout's): differentiable
+// masks (the workspace's: dropout's, recurrent dropout's, zoneout's; see ops.h): differentiable
 // itself when grad mode is on (create_graph). The gradients of input, hx, cx, each weight and
 // each cell parameter (leaves in that order, num_params weights), undefined where that one does
 // not require grad. The one recomputed backward: this file's LSTMFunction and functional.py's
@@ -64,10 +64,11 @@ std::vector<Tensor> recomputed_backward(const std::vector<Tensor>& leaves, int64
   {
     torch::autograd::AutoGradMode enable_grad(true);
     const TensorList all(leaves);
+    const Tensor zoneout_masks[] = {workspace[kZoneoutCellMasks], workspace[kZoneoutHiddenMasks]};
     const auto [output, hy, cy] =
         op.call(leaves[0], size_list, leaves[1], leaves[2], all.slice(3, num_params), has_biases, num_layers, 0.0,
-                false, bidirectional, workspace[5], cell, all.slice(3 + num_params), recurrent_dropout,
-                workspace[6], zoneout, workspace.slice(7, 2));
+                false, bidirectional, workspace[kDropoutMasks], cell, all.slice(3 + num_params), recurrent_dropout,
+                workspace[kRecurrentMasks], zoneout, zoneout_masks);
     const Tensor outputs[] = {output, hy, cy};
     for (size_t i = 0; i < 3; ++i) {
       if (grads[i].defined()) {

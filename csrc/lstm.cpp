@@ -175,68 +175,36 @@ StackShape check_forward_args(const Tensor& input, const Steps& steps, const Ten
   return shape;
 }
 
-// Everything the backward needs, as a fixed list of tensors so that the operator schema (and
-// its fake implementation) does not depend on the configuration. Index c = layer * D + direction.
+// The workspace (its entries named in ops.h), read by name: ws[kGates], ws[kDropoutMasks], ...
 struct Workspace {
-  Tensor gates;            // [L*D, N, 4H]
-  Tensor tanh_cells;       // [L*D, N, H]
-  Tensor cells_prev;       // [L*D, N, H]
-  Tensor hiddens_prev;     // [L*D, N, P] (h_{t-1} masked by recurrent dropout, as the product saw it)
-  Tensor layer_inputs;     // [L-1, N, D*P] inputs of layers 1.., after dropout
-  Tensor dropout_masks;    // [L-1, N, D*P] scaled keep-masks, or [0] without dropout
-  Tensor recurrent_masks;  // [L*D, B, P] recurrent dropout's scaled keep-masks, or [0] without
-  Tensor zoneout_cell_masks;    // [L*D, N, H] zoneout's masks of c in training, or [0]
-  Tensor zoneout_hidden_masks;  // [L*D, N, P] zoneout's masks of h in training, or [0]
-  // Layer norm's LayerNormSaved (see layer.h), or [0] each without layer norm.
-  Tensor layer_norm_inputs;      // [L*D, N, 4H]
-  Tensor layer_norm_recurrents;  // [L*D, N, 4H]
-  Tensor layer_norm_cells;       // [L*D, N, H]
-  Tensor layer_norm_rstds;       // [L*D, N, 3]
+  std::vector<Tensor> entries;  // indexed by WorkspaceEntry
 
-  static constexpr size_t kSize = 13;
-
-  static Workspace allocate(const StackShape& s, int64_t rows, int64_t batch, bool with_dropout,
-                            bool with_recurrent_dropout, bool with_zoneout, bool with_layer_norm,
+  static Workspace allocate(const StackShape& s, int64_t rows, int64_t batch, double dropout, bool train,
+                            double recurrent_dropout, at::ArrayRef<double> zoneout, bool layer_norm,
                             const at::TensorOptions& opts) {
-    const int64_t cells = s.num_layers * s.num_directions, H = s.hidden_size, P = s.output_size;
-    const int64_t between = s.num_layers - 1, width = s.num_directions * P;
-    const auto empty_if = [&](bool wanted, at::IntArrayRef shape) {
-      return wanted ? blas::BlockPool::empty(shape, opts) : at::empty({0}, opts);
-    };
-    return {blas::BlockPool::empty({cells, rows, 4 * H}, opts),
-            blas::BlockPool::empty({cells, rows, H}, opts),
-            blas::BlockPool::empty({cells, rows, H}, opts),
-            blas::BlockPool::empty({cells, rows, P}, opts),
-            blas::BlockPool::empty({between, rows, width}, opts),
-            empty_if(with_dropout, {between, rows, width}),
-            empty_if(with_recurrent_dropout, {cells, batch, P}),
-            empty_if(with_zoneout, {cells, rows, H}),
-            empty_if(with_zoneout, {cells, rows, P}),
-            empty_if(with_layer_norm, {cells, rows, 4 * H}),
-            empty_if(with_layer_norm, {cells, rows, 4 * H}),
-            empty_if(with_layer_norm, {cells, rows, H}),
-            empty_if(with_layer_norm, {cells, rows, 3})};
+    Workspace ws;
+    for (const std::vector<int64_t>& shape :
+         workspace_shapes<int64_t>(s.num_layers, s.num_directions == 2, rows, batch, s.hidden_size, s.output_size,
+                                   dropout, train, recurrent_dropout, zoneout, layer_norm)) {
+      ws.entries.push_back(blas::BlockPool::empty(shape, opts));
+    }
+    return ws;
   }
   static Workspace from_list(TensorList list) {
-    TORCH_CHECK(list.size() == kSize,
+    TORCH_CHECK(list.size() == kWorkspaceEntries,
                 "lstm_ext: the workspace is empty: the forward ran without saving for backward");
-    return {list[0], list[1], list[2], list[3],  list[4],  list[5], list[6],
-            list[7], list[8], list[9], list[10], list[11], list[12]};
+    return {list.vec()};
   }
-  std::vector<Tensor> to_list() const {
-    return {gates,         tanh_cells,      cells_prev,         hiddens_prev,         layer_inputs,
-            dropout_masks, recurrent_masks, zoneout_cell_masks, zoneout_hidden_masks, layer_norm_inputs,
-            layer_norm_recurrents, layer_norm_cells, layer_norm_rstds};
-  }
-  bool has_dropout() const { return dropout_masks.numel() > 0; }
-  Tensor recurrent_mask(int64_t cell) const { return recurrent_masks.numel() > 0 ? recurrent_masks[cell] : Tensor(); }
+  const Tensor& operator[](WorkspaceEntry entry) const { return entries[entry]; }
+  bool kept(WorkspaceEntry entry) const { return entries[entry].numel() > 0; }
+  Tensor recurrent_mask(int64_t cell) const { return kept(kRecurrentMasks) ? entries[kRecurrentMasks][cell] : Tensor(); }
   DirectionSaved direction(int64_t cell) const {
+    const auto of = [&](WorkspaceEntry entry) { return entries[entry][cell]; };
     LayerNormSaved layer_norm;
-    if (layer_norm_rstds.numel() > 0) {
-      layer_norm = {layer_norm_inputs[cell], layer_norm_recurrents[cell], layer_norm_cells[cell],
-                    layer_norm_rstds[cell]};
+    if (kept(kLayerNormRstds)) {
+      layer_norm = {of(kLayerNormInputs), of(kLayerNormRecurrents), of(kLayerNormCells), of(kLayerNormRstds)};
     }
-    return {gates[cell], tanh_cells[cell], cells_prev[cell], hiddens_prev[cell], layer_norm};
+    return {of(kGates), of(kTanhCells), of(kCellsPrev), of(kHiddensPrev), layer_norm};
   }
 };
 
@@ -328,10 +296,10 @@ LayerNormStep<scalar_t> layer_norm_step(const CellParams& params, const Tensor& 
 
 // ---- precision ------------------------------------------------------------------------------------
 
-// The type a call computes in: bfloat16 and float16 in float (the precision seam, see blas.h). Its
-// input, states and small parameters are converted once per call; the products read the weight
-// matrices as given (narrow), and the outputs go back to the input's type.
-at::ScalarType compute_type(const Tensor& input) { return at::toOpMathType(input.scalar_type()); }
+// The type a call computes in (ops.h). Its input, states and small parameters are converted once
+// per call; the products read the weight matrices as given (narrow), and the outputs go back to
+// the input's type.
+at::ScalarType compute_type(const Tensor& input) { return lstm_ext::compute_type(input.scalar_type()); }
 
 // p with everything but its weight matrices in `type`.
 CellParams with_small_params_in(CellParams p, at::ScalarType type) {
@@ -375,8 +343,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> forward_stack(
   Tensor hy = at::empty_like(h0), cy = at::empty_like(c0);
   if (c0.numel() > 0) std::memcpy(cy.data_ptr(), c0.const_data_ptr(), c0.nbytes());
   const int64_t B = steps.max_batch();
-  Workspace ws = need_workspace ? Workspace::allocate(s, N, B, apply_dropout, apply_recurrent_dropout,
-                                                     apply_zoneout && train, layer_norm, opts)
+  Workspace ws = need_workspace ? Workspace::allocate(s, N, B, dropout, train, recurrent_dropout, zoneout, layer_norm,
+                                                     opts)
                                 : Workspace{};
   // Layer norm's scratch per direction: a step's recurrent product [B, 4H], and in inference
   // tanh(LN(c̃_t)) and c_{t-1} [B, H] (see LayerNormStep).
@@ -400,7 +368,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> forward_stack(
       const int threads = layer_threads<scalar_t>(steps, D, H, P);
       for (int64_t l = 0; l < num_layers; ++l) {
         const bool last = l == num_layers - 1;
-        layer_output = need_workspace && !last ? ws.layer_inputs[l] : blas::BlockPool::empty({N, D * P}, opts);
+        layer_output = need_workspace && !last ? ws[kLayerInputs][l] : blas::BlockPool::empty({N, D * P}, opts);
         // The threads below touch raw memory only, at these offsets: no tensor view per call.
         scalar_t* output_data = layer_output.data_ptr<scalar_t>();
         std::vector<Tensor> gates, recurrent_masks;
@@ -420,11 +388,11 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> forward_stack(
           } else {
             weights.push_back(PackedCell<scalar_t>::for_forward(cells[c], N));
           }
-          gates.push_back(need_workspace ? ws.gates[c] : scratch_gates[d]);
+          gates.push_back(need_workspace ? ws[kGates][c] : scratch_gates[d]);
           // Recurrent dropout's mask [B, P], drawn as dropout's, per layer-direction as its layer starts.
           Tensor recurrent_mask;
           if (apply_recurrent_dropout) {
-            recurrent_mask = need_workspace ? ws.recurrent_masks[c] : at::empty({B, P}, opts);
+            recurrent_mask = need_workspace ? ws[kRecurrentMasks][c] : at::empty({B, P}, opts);
             draw_dropout_mask(recurrent_mask, recurrent_dropout);
           }
           recurrent_masks.push_back(recurrent_mask);
@@ -432,7 +400,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> forward_stack(
           if (!apply_zoneout || !train) {
             zoneouts.push_back(eval_zoneout);
           } else if (need_workspace) {
-            zoneouts.push_back(draw_zoneout(zoneout, ws.zoneout_cell_masks[c], ws.zoneout_hidden_masks[c]));
+            zoneouts.push_back(draw_zoneout(zoneout, ws[kZoneoutCellMasks][c], ws[kZoneoutHiddenMasks][c]));
           } else {
             zoneouts.push_back(
                 draw_zoneout(zoneout, blas::BlockPool::empty({N, H}, opts), blas::BlockPool::empty({N, P}, opts)));
@@ -463,7 +431,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> forward_stack(
           });
         }
         if (apply_dropout && !last) {
-          Tensor mask = need_workspace ? ws.dropout_masks[l] : blas::BlockPool::empty(layer_output.sizes(), opts);
+          Tensor mask = need_workspace ? ws[kDropoutMasks][l] : blas::BlockPool::empty(layer_output.sizes(), opts);
           layer_output.mul_(draw_dropout_mask(mask, dropout));
         }
         layer_input = layer_output;
@@ -472,7 +440,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> forward_stack(
   });
   Tensor output = s.dense ? layer_output.view({input.size(0), input.size(1), D * P}) : layer_output;
   const at::ScalarType type = input.scalar_type();
-  return {output.to(type), hy.to(type), cy.to(type), need_workspace ? ws.to_list() : std::vector<Tensor>{}};
+  return {output.to(type), hy.to(type), cy.to(type), std::move(ws.entries)};
 }
 
 std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_forward(
@@ -569,7 +537,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
   // One set for all layers: fresh buffers this big cost their page faults again in every layer.
   const Tensor all_dgates = blas::BlockPool::empty({D, N, 4 * H}, opts);
   // Without its masks in the workspace, the forward ran zoneout in eval.
-  const Zoneout eval_zoneout = check_zoneout(zoneout) && ws.zoneout_cell_masks.numel() == 0
+  const Zoneout eval_zoneout = check_zoneout(zoneout) && !ws.kept(kZoneoutCellMasks)
                                    ? constant_zoneout(zoneout, N, H, P, opts)
                                    : Zoneout{};
   const Tensor all_dh_rows =
@@ -582,7 +550,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
       const int threads = layer_threads<scalar_t>(steps, D, H, P);
       for (int64_t l = num_layers - 1; l >= 0; --l) {
         const Tensor layer_input = l == 0 ? input.reshape({N, input.size(-1)}).to(compute).contiguous()
-                                          : ws.layer_inputs[l - 1];
+                                          : ws[kLayerInputs][l - 1];
         std::vector<Tensor> dgates, dh_rows, grad_outs, dhs, dcs, dh_pres, grad_unit_weights, recurrent_masks;
         std::vector<Zoneout> zoneouts;
         std::vector<DirectionSaved> saved;
@@ -604,8 +572,8 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           dcs.push_back(grad_cx[c]);
           dh_pres.push_back(dh_pre.defined() ? dh_pre[d] : Tensor());
           recurrent_masks.push_back(ws.recurrent_mask(c));
-          zoneouts.push_back(ws.zoneout_cell_masks.numel() > 0
-                                 ? Zoneout{ws.zoneout_cell_masks[c], ws.zoneout_hidden_masks[c]}
+          zoneouts.push_back(ws.kept(kZoneoutCellMasks)
+                                 ? Zoneout{ws[kZoneoutCellMasks][c], ws[kZoneoutHiddenMasks][c]}
                                  : eval_zoneout);
           grad_unit_weights.push_back(
               Cell::kUnitWeights > 0
@@ -659,7 +627,7 @@ std::tuple<Tensor, Tensor, Tensor, std::vector<Tensor>> lstm_backward(
           }
           weights[d].input_gradient(dinput, grad_layer_input, /*accumulate=*/d > 0);
         }
-        if (l > 0 && ws.has_dropout()) grad_layer_input.mul_(ws.dropout_masks[l - 1]);
+        if (l > 0 && ws.kept(kDropoutMasks)) grad_layer_input.mul_(ws[kDropoutMasks][l - 1]);
         grad_layer_output = grad_layer_input;
       }
       grad_input = grad_layer_output.view(input.sizes());

@@ -82,6 +82,16 @@ std::vector<std::optional<Tensor>> recompute_backward(const std::vector<Tensor>&
   return result;
 }
 
+// The workspace's type and the shapes of its entries (ops.h) for the fake implementation, whose
+// sizes may be symbols: pure shape arithmetic, on Python's SymInts.
+std::tuple<at::ScalarType, std::vector<std::vector<c10::SymInt>>> workspace_layout(
+    at::ScalarType input, int64_t num_layers, bool bidirectional, const c10::SymInt& rows, const c10::SymInt& batch,
+    const c10::SymInt& hidden, const c10::SymInt& proj, double dropout, bool train, double recurrent_dropout,
+    const std::vector<double>& zoneout, bool layer_norm) {
+  return {compute_type(input), workspace_shapes<c10::SymInt>(num_layers, bidirectional, rows, batch, hidden, proj,
+                                                             dropout, train, recurrent_dropout, zoneout, layer_norm)};
+}
+
 }  // namespace
 }  // namespace lstm_ext
 
@@ -94,6 +104,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   // Without the GIL also because the autograd engine it runs refuses a caller holding it.
   m.def("recomputed_backward", &lstm_ext::recompute_backward, without_gil,
         "The backward by differentiating lstm_ext::forward_differentiable (see csrc/ops.h)");
+  // With the GIL: symbolic sizes compute in Python.
+  m.def("workspace_layout", &lstm_ext::workspace_layout,
+        "(dtype, shapes) of lstm_ext::forward's workspace for a call (see csrc/ops.h)");
   m.def("kernels_capability", &lstm_ext::kernels_capability,
         "The instruction set whose kernels run: DEFAULT, AVX2 or AVX512 (see csrc/ops.cpp)");
 }

@@ -3,13 +3,75 @@
 // as for torch.ops.lstm_ext.forward from Python.
 #pragma once
 
+#include <ATen/OpMathType.h>
 #include <ATen/core/Tensor.h>
 
+#include <algorithm>
 #include <optional>
 #include <tuple>
 #include <vector>
 
 namespace lstm_ext {
+
+// ---- the workspace: what lstm_ext::forward keeps for lstm_ext::backward --------------------------
+//
+// A fixed list of tensors, so that the operators' schemas do not depend on the configuration; an
+// entry that a configuration does not keep is [0]. L layers, D directions, c = layer * D +
+// direction, N rows (T·B, or packed rows), B batch, H hidden, P output (proj_size, else H).
+// Named once, here: lstm.cpp's Workspace allocates it from workspace_shapes and reads it by these
+// names, the recomputed backward (dispatch.cpp) replays its masks by them, and functional.py's
+// fake implementation takes its shapes from workspace_shapes through lstm_ext._C (module.cpp).
+enum WorkspaceEntry : size_t {
+  kGates,                // [L*D, N, 4H] the gates after their activations
+  kTanhCells,            // [L*D, N, H] tanh(c_t)
+  kCellsPrev,            // [L*D, N, H] c_{t-1}
+  kHiddensPrev,          // [L*D, N, P] h_{t-1} masked by recurrent dropout, as the product saw it
+  kLayerInputs,          // [L-1, N, D*P] the inputs of layers 1.., after dropout
+  kDropoutMasks,         // [L-1, N, D*P] dropout's scaled keep-masks (training, dropout, L > 1)
+  kRecurrentMasks,       // [L*D, B, P] recurrent dropout's scaled keep-masks (training)
+  kZoneoutCellMasks,     // [L*D, N, H] zoneout's masks of c (training)
+  kZoneoutHiddenMasks,   // [L*D, N, P] zoneout's masks of h (training)
+  kLayerNormInputs,      // [L*D, N, 4H] layer norm's LayerNormSaved (layer.h), with layer norm
+  kLayerNormRecurrents,  // [L*D, N, 4H]
+  kLayerNormCells,       // [L*D, N, H]
+  kLayerNormRstds,       // [L*D, N, 3]
+  kWorkspaceEntries
+};
+
+// The type a call computes in and keeps its workspace in: bfloat16 and float16 in float (the
+// precision seam, see blas.h).
+inline at::ScalarType compute_type(at::ScalarType input) { return at::toOpMathType(input); }
+
+// The shape of each entry (indexed by WorkspaceEntry) for a call's arguments. Int is int64_t in
+// the operator, c10::SymInt in the fake implementation, whose sizes may be symbols
+// (torch.compile's dynamic shapes, torch.export).
+template <typename Int>
+std::vector<std::vector<Int>> workspace_shapes(int64_t num_layers, bool bidirectional, const Int& rows,
+                                               const Int& batch, const Int& hidden, const Int& proj, double dropout,
+                                               bool train, double recurrent_dropout, at::ArrayRef<double> zoneout,
+                                               bool layer_norm) {
+  const int64_t D = bidirectional ? 2 : 1;
+  const Int cells(num_layers * D), between(num_layers - 1), width = proj * D;
+  const bool zoneout_on = std::any_of(zoneout.begin(), zoneout.end(), [](double z) { return z > 0; });
+  std::vector<std::vector<Int>> shapes(kWorkspaceEntries);
+  const auto keep = [&](WorkspaceEntry entry, bool kept, std::vector<Int> shape) {
+    shapes[entry] = kept ? std::move(shape) : std::vector<Int>{Int(0)};
+  };
+  keep(kGates, true, {cells, rows, hidden * 4});
+  keep(kTanhCells, true, {cells, rows, hidden});
+  keep(kCellsPrev, true, {cells, rows, hidden});
+  keep(kHiddensPrev, true, {cells, rows, proj});
+  keep(kLayerInputs, true, {between, rows, width});
+  keep(kDropoutMasks, dropout > 0 && train && num_layers > 1, {between, rows, width});
+  keep(kRecurrentMasks, recurrent_dropout > 0 && train, {cells, batch, proj});
+  keep(kZoneoutCellMasks, zoneout_on && train, {cells, rows, hidden});
+  keep(kZoneoutHiddenMasks, zoneout_on && train, {cells, rows, proj});
+  keep(kLayerNormInputs, layer_norm, {cells, rows, hidden * 4});
+  keep(kLayerNormRecurrents, layer_norm, {cells, rows, hidden * 4});
+  keep(kLayerNormCells, layer_norm, {cells, rows, hidden});
+  keep(kLayerNormRstds, layer_norm, {cells, rows, Int(3)});
+  return shapes;
+}
 
 using ForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor, std::vector<at::Tensor>>(
     const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&, const at::Tensor&, at::TensorList, bool,

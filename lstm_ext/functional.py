@@ -487,29 +487,14 @@ def _forward_fake(
     output = input.new_empty((*input.shape[:-1], directions * proj))
     workspace = []
     if need_workspace:
-        # In the type the operator computes in: bfloat16 and float16 compute in float32.
-        compute = torch.float64 if input.dtype == torch.float64 else torch.float32
-
-        def empty(shape):
-            return input.new_empty(shape, dtype=compute)
-
+        # Its type and shapes from the C++ definition (csrc/ops.h): shape arithmetic only, on
+        # symbolic sizes too.
         rows = input.shape[0] if batch_sizes is not None else input.shape[0] * input.shape[1]
-        states, between, width = num_layers * directions, num_layers - 1, directions * proj
-        with_dropout = dropout > 0 and train and num_layers > 1
-        workspace = [
-            empty((states, rows, 4 * hidden)),
-            empty((states, rows, hidden)),
-            empty((states, rows, hidden)),
-            empty((states, rows, proj)),
-            empty((between, rows, width)),
-            empty((between, rows, width) if with_dropout else (0,)),
-            empty((states, hx.shape[1], proj) if recurrent_dropout > 0 and train else (0,)),
-            empty((states, rows, hidden) if any(zoneout) and train else (0,)),
-            empty((states, rows, proj) if any(zoneout) and train else (0,)),
-        ]
-        layer_norm = cells.is_layer_normalised(cell)
-        for width in (4 * hidden, 4 * hidden, hidden, 3):
-            workspace.append(empty((states, rows, width) if layer_norm else (0,)))
+        dtype, shapes = _C.workspace_layout(
+            input.dtype, num_layers, bidirectional, rows, hx.shape[1], hidden, proj, dropout, train,
+            recurrent_dropout, list(zoneout), cells.is_layer_normalised(cell),
+        )
+        workspace = [input.new_empty(shape, dtype=dtype) for shape in shapes]
     return output, hx.new_empty(hx.shape), cx.new_empty(cx.shape), workspace
 
 
