@@ -7,6 +7,7 @@ csrc/module.cpp), runs a leaner autograd.Function around the calls it traces, an
 ``torch.library.opcheck`` see ordinary dispatcher ops.
 """
 
+import enum
 import inspect
 from collections.abc import Sequence
 
@@ -197,14 +198,55 @@ def _check_cell_args(input: Tensor, h0: Tensor, c0: Tensor, w_ih: Tensor, w_hh: 
             raise RuntimeError(f"hidden{index} has inconsistent hidden_size: got {state.size(1)}, expected {size}")
 
 
+class Route(enum.Enum):
+    """Where a call of :func:`lstm` goes: :func:`_route` picks the first row that fits, ``_forward``
+    runs it. (``lstm_cell`` sends its plain eager steps to ``lstm_ext._C.lstm_cell``, the rest here.)
+
+    | route | taken when | runs | why |
+    | --- | --- | --- | --- |
+    | CPP | eager: not compiling or tracing, no functorch transform, no forward-mode dual level, no ``__torch_function__``; not a variant under autocast | ``lstm_ext._C.forward`` (csrc/module.cpp): the operator from C++, autograd its C++ Function, autocast its AutocastCPU kernel | nothing boxed by ``torch.ops``, no autograd bookkeeping in Python: most of a decoding step's cost; that kernel does not cast a variant's optional cell parameters, so a variant under autocast casts in Python below |
+    | DIFFERENTIABLE | forward-mode tangents, or a torch.func transform that differentiates (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``vmap(grad)``...) | ``lstm_ext::forward_differentiable`` | ATen ops that every transform knows; under torch.func an autograd.Function's backward sees its saved tensors unwrapped |
+    | VMAP | vmap and no other transform | ``lstm_ext::forward`` through the dispatcher | its batching rule (below) folds the mapped dim into the batch: one call, V times the batch |
+    | TRACED | ``torch.jit.trace`` | ``lstm_ext::forward`` with a workspace | the graph records the dispatcher op (its autograd is C++), the same in every grad mode: the tracer's check traces again under no_grad, and a traced module may be trained |
+    | FUNCTION | a gradient will be needed (compiled, under autocast, with a ``__torch_function__``) | ``_LSTMFunction``: ``lstm_ext::forward`` and ``lstm_ext::backward`` | a fraction of the cost of the autograd wrapper ``torch.library`` would put around the operator; torch.compile traces it |
+    | NO_GRAD | otherwise | ``lstm_ext::forward`` below its Autograd key, no workspace | nothing to differentiate: skips the Python wrapper on the Autograd key (see _below_autograd) |
+    """
+
+    CPP = "cpp"
+    DIFFERENTIABLE = "differentiable"
+    VMAP = "vmap"
+    TRACED = "traced"
+    FUNCTION = "function"
+    NO_GRAD = "no_grad"
+
+
+# The route of every eager call, a decoding step's included, as a global: a member looked up on
+# its Enum class costs ~0.1 us (of a ~11 us step).
+_CPP = Route.CPP
+
+
+def _route(cell_args, *tensors) -> Route:
+    """The :class:`Route` of a call on these tensors (input, states, weights, cell parameters)."""
+    if not (cell_args and _is_autocast_enabled("cpu")) and _runs_in_cpp(*tensors):
+        return _CPP
+    transform = _transform_of(*tensors)
+    if transform is not None:
+        return transform
+    if torch.jit.is_tracing():
+        return Route.TRACED
+    if _needs_grad(*tensors):
+        return Route.FUNCTION
+    return Route.NO_GRAD
+
+
 def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional, cell_args=()):
-    """cell_args: () for the plain LSTM, else (cell, cell_params, recurrent_dropout, zoneout), the
-    forward operator's trailing arguments (see _backward_tail, _differentiable_tail)."""
+    """The call on its :class:`Route`. cell_args: () for the plain LSTM, else (cell, cell_params,
+    recurrent_dropout, zoneout), the forward operator's trailing arguments (see _backward_tail,
+    _differentiable_tail)."""
     params = list(params)
     cell_params = cell_args[1] if cell_args else []
-    # Under autocast, a variant's call casts below (_autocast): the operator's AutocastCPU kernel
-    # casts its tensors and tensor lists, not the optional list of cell parameters.
-    if not (cell_args and _is_autocast_enabled("cpu")) and _runs_in_cpp(input, hx, cx, *params, *cell_params):
+    route = _route(cell_args, input, hx, cx, *params, *cell_params)
+    if route is _CPP:
         variant = cell_args or ("lstm", [], 0.0, [])
         return _C.forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout, train, bidirectional,
                           *variant)
@@ -214,23 +256,17 @@ def _forward(input, batch_sizes, hx, cx, params, has_biases, num_layers, dropout
         params, cell_params = cast[: len(params)], cast[len(params) :]
         cell_args = (cell_args[0], cell_params, *cell_args[2:]) if cell_args else ()
     options = (has_biases, num_layers, float(dropout), train, bidirectional)
-    transform = _transform_of(input, hx, cx, *params, *cell_params)
-    if transform == "differentiable":
+    if route is Route.DIFFERENTIABLE:
         args = (input, _as_list(batch_sizes), hx, cx, params, *options, None, *_differentiable_tail(cell_args))
         return _ops.forward_differentiable(*args)
-    if transform == "vmap":
-        # Through the dispatcher, to the batching rule registered below.
+    if route is Route.VMAP:
         need_workspace = torch.is_grad_enabled() and any(
             map(_requires_grad_below_vmap, (input, hx, cx, *params, *cell_params))
         )
         output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, need_workspace, *cell_args)
-        return output, hy, cy
-    if torch.jit.is_tracing():
-        # The graph records the dispatcher op (its autograd is C++), not a Python
-        # autograd.Function it could not save, and the same op whatever the grad mode:
-        # the tracer's check traces again under no_grad, and the traced module may be trained.
+    elif route is Route.TRACED:
         output, hy, cy, _ = _ops.forward(input, batch_sizes, hx, cx, params, *options, True, *cell_args)
-    elif _needs_grad(input, hx, cx, *params, *cell_params):
+    elif route is Route.FUNCTION:
         variant = (cell_args[0], *cell_args[2:]) if cell_args else None
         output, hy, cy, *_workspace = _apply(
             _LSTMFunction, input, batch_sizes, hx, cx, options, variant, len(params), *params, *cell_params
@@ -296,27 +332,20 @@ def _autocast(*tensors):
     return [t.to(dtype) if t.is_floating_point() and t.dtype != torch.float64 else t for t in tensors]
 
 
-def _transform_of(*tensors) -> str | None:
-    """How a call must run under the autodiff transforms around it.
-
-    ``None``: the fast operator with its hand-written backward (no transform).
-    ``"vmap"``: only vmap; the operator's batching rule folds the mapped dim into the batch.
-    ``"differentiable"``: forward-mode AD or any torch.func transform that differentiates
-    (``grad``, ``vjp``, ``jacrev``, ``jacfwd``, ``hessian``, ``vmap(grad)``...):
-    lstm_ext::forward_differentiable, ATen ops that every transform knows. (Under torch.func
-    an autograd.Function's backward sees its saved tensors unwrapped, so a recomputation
-    there could not carry the transform's derivatives.)
-    """
+def _transform_of(*tensors) -> Route | None:
+    """The route the autodiff transforms around a call demand: ``Route.VMAP`` (vmap alone),
+    ``Route.DIFFERENTIABLE`` (forward-mode tangents, or a torch.func transform that
+    differentiates), or None (no transform)."""
     if torch.compiler.is_compiling():
         return None
     # Tangents exist only inside a dual level (torch.func.jvp enters one too): outside, the
     # per-tensor look for them is skipped.
     if forward_ad._current_level >= 0 and any(forward_ad.unpack_dual(t).tangent is not None for t in tensors):
-        return "differentiable"
+        return Route.DIFFERENTIABLE
     if not torch._C._are_functorch_transforms_active():
         return None
     kinds = {interpreter.key() for interpreter in torch._C._functorch.get_interpreter_stack()}
-    return "vmap" if kinds == {_TransformType.Vmap} else "differentiable"
+    return Route.VMAP if kinds == {_TransformType.Vmap} else Route.DIFFERENTIABLE
 
 
 _TransformType = torch._C._functorch.TransformType
