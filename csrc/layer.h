@@ -335,6 +335,55 @@ template <typename scalar_t>
 constexpr int64_t kShareAlign =
     std::max<int64_t>(at::vec::Vectorized<scalar_t>::size(), blas::PackedWeight<scalar_t>::kPanelWidth);
 
+// ---- a step's rows: recurrent dropout's mask, the saved h_{t-1}, zoneout --------------------------
+//
+// A step's h_{t-1} comes in two parts (FullLayer::hidden_prev): the previous step's output rows,
+// then the initial state's rows of the sequences that start at this step.
+
+// h_{t-1} times recurrent dropout's scaled keep-mask [rows, P], all columns, into masked
+// [rows, P]: the two parts as the product sees them.
+template <typename scalar_t>
+std::pair<Matrix<const scalar_t>, Matrix<const scalar_t>> mask_hidden_prev(Matrix<const scalar_t> from_output,
+                                                                            Matrix<const scalar_t> from_hx,
+                                                                            const scalar_t* mask, scalar_t* masked,
+                                                                            int64_t P) {
+  int64_t row = 0;  // of the step, and of the mask
+  for (const auto& part : {from_output, from_hx}) {
+    for (int64_t r = 0; r < part.rows; ++r, ++row) {
+      scalar_t* out = masked + row * P;
+      for (int64_t j = 0; j < P; ++j) out[j] = part.data[r * part.ld + j] * mask[row * P + j];
+    }
+  }
+  return {{masked, from_output.rows, P, P}, {masked + from_output.rows * P, from_hx.rows, P, P}};
+}
+
+// Columns [col_begin, col_end) of h_{t-1}'s two parts into saved [rows, P], for dW_hh.
+template <typename scalar_t>
+void save_hidden_prev(Matrix<const scalar_t> from_output, Matrix<const scalar_t> from_hx, int64_t col_begin,
+                      int64_t col_end, scalar_t* saved, int64_t P) {
+  // Not with no columns: memcpy must not be given the null data of an empty tensor (P == 0).
+  for (const auto& part : {from_output, from_hx}) {
+    for (int64_t r = 0; r < part.rows && col_end > col_begin; ++r, saved += P) {
+      std::memcpy(saved + col_begin, part.data + r * part.ld + col_begin, (col_end - col_begin) * sizeof(scalar_t));
+    }
+  }
+}
+
+// Zoneout of a state, columns [begin, end) of a step's rows: s_t = k·s_{t-1} + (1 - k)·s̃_t, with
+// keep [rows, *] (k), prev_row(r) row r of s_{t-1}, and next (row stride ld) holding s̃_t.
+template <typename scalar_t, typename PrevRow>
+void zone_out(int64_t rows, int64_t begin, int64_t end, Matrix<const scalar_t> keep, const PrevRow& prev_row,
+              scalar_t* next, int64_t ld) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const scalar_t* k = keep.data + r * keep.ld;
+    const scalar_t* prev = prev_row(r);
+    scalar_t* s = next + r * ld;
+    for (int64_t j = begin; j < end; ++j) s[j] = k[j] * prev[j] + (scalar_t(1) - k[j]) * s[j];
+  }
+}
+
+// ---- FullLayer: one direction over all steps ------------------------------------------------------
+
 struct FullLayer {
   const Steps& steps;
   bool reverse;  // walk the steps last to first
@@ -394,28 +443,14 @@ struct FullLayer {
       const int64_t t = step_at(k), rows = steps.batch_sizes[t], row0 = steps.offsets[t];
       scalar_t* g = gate_data + (row0 - gates_row0) * 4 * H;
       const auto [prev_output, prev_hx] = hidden_prev<scalar_t>(k, {out, 0, P, ld}, hx_data, P);
-      auto from_output = prev_output, from_hx = prev_hx;
-      if (mask) {
-        int64_t row = 0;  // of the step, and of the mask
-        for (const auto& part : {from_output, from_hx}) {
-          for (int64_t r = 0; r < part.rows; ++r, ++row) {
-            scalar_t* masked = masked_hidden.data() + row * P;
-            for (int64_t j = 0; j < P; ++j) masked[j] = part.data[r * part.ld + j] * mask[row * P + j];
-          }
-        }
-        from_output = {masked_hidden.data(), from_output.rows, P, P};
-        from_hx = {masked_hidden.data() + from_output.rows * P, from_hx.rows, P, P};
-      }
+      const auto [from_output, from_hx] =
+          mask ? mask_hidden_prev<scalar_t>(prev_output, prev_hx, mask, masked_hidden.data(), P)
+               : std::pair{prev_output, prev_hx};
       StepSaved<scalar_t> step_saved;
       if (layer_norm && !saved) step_saved = {layer_norm->tanh_cell, layer_norm->cell_prev};
       if (saved) {
-        scalar_t* saved_h = saved->hiddens_prev.data_ptr<scalar_t>() + row0 * P;
-        // Not with no columns: memcpy must not be given the null data of an empty tensor (P == 0).
-        for (const auto& part : {from_output, from_hx}) {
-          for (int64_t r = 0; r < part.rows && col_end > col_begin; ++r, saved_h += P) {
-            std::memcpy(saved_h + col_begin, part.data + r * part.ld + col_begin, (col_end - col_begin) * sizeof(scalar_t));
-          }
-        }
+        save_hidden_prev<scalar_t>(from_output, from_hx, col_begin, col_end,
+                                   saved->hiddens_prev.data_ptr<scalar_t>() + row0 * P, P);
         step_saved = {saved->tanh_cells.data_ptr<scalar_t>() + row0 * H,
                       saved->cells_prev.data_ptr<scalar_t>() + row0 * H};
       }
@@ -432,15 +467,14 @@ struct FullLayer {
       const Matrix<const scalar_t> step_cell_keep = at_row(cell_keep, row0);
       const int64_t cols = col_end - col_begin;
       scalar_t* out_step = out + row0 * ld + col_begin;
-      // Zoneout of h, this member's columns: h_t = k·h_{t-1} + (1 - k)·h̃_t in the output rows.
+      // Zoneout of h, this member's columns, in the output rows (h_{t-1} unmasked).
       const auto zone_out_hidden = [&] {
-        for (int64_t r = 0; r < rows && hidden_keep.data; ++r) {
-          const scalar_t* prev = r < prev_output.rows ? prev_output.data + r * prev_output.ld
-                                                      : prev_hx.data + (r - prev_output.rows) * P;
-          const scalar_t* keep = hidden_keep.data + (row0 + r) * hidden_keep.ld;
-          scalar_t* h_t = out_step - col_begin + r * ld;
-          for (int64_t j = col_begin; j < col_end; ++j) h_t[j] = keep[j] * prev[j] + (scalar_t(1) - keep[j]) * h_t[j];
-        }
+        if (!hidden_keep.data) return;
+        const auto prev_row = [&](int64_t r) {
+          return r < prev_output.rows ? prev_output.data + r * prev_output.ld
+                                      : prev_hx.data + (r - prev_output.rows) * P;
+        };
+        zone_out<scalar_t>(rows, col_begin, col_end, at_row(hidden_keep, row0), prev_row, out + row0 * ld, ld);
       };
       const Matrix<scalar_t> hidden = projected ? Matrix<scalar_t>{h_pre_data, rows, H, H}
                                                 : Matrix<scalar_t>{h_data, rows, P, P};
@@ -454,14 +488,8 @@ struct FullLayer {
                                      team.rank == 0);
         if (step_cell_keep.data) {
           team.sync();  // every member has read c̃_t
-          for (int64_t r = 0; r < rows; ++r) {
-            const scalar_t* keep = step_cell_keep.data + r * step_cell_keep.ld;
-            const scalar_t* c_prev = step_saved.cell_prev + r * H;
-            scalar_t* c_t = c_data + r * H;
-            for (int64_t j = units.begin; j < units.end; ++j) {
-              c_t[j] = keep[j] * c_prev[j] + (scalar_t(1) - keep[j]) * c_t[j];
-            }
-          }
+          const auto prev_row = [&](int64_t r) { return step_saved.cell_prev + r * H; };
+          zone_out<scalar_t>(rows, units.begin, units.end, step_cell_keep, prev_row, c_data, H);
         }
       }
       if (!projected) {
