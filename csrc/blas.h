@@ -20,8 +20,10 @@
 #include <c10/core/impl/alloc_cpu.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <mutex>
 #include <new>
@@ -78,27 +80,23 @@ inline Vec<T> in_register(Vec<T> v) {
   return v;
 #endif
 }
-// A vector of floats from Vectorized<float>::size() weights stored as S (bfloat16, float16, int8):
-// one widening instruction or two per vector (F16C's vcvtph2ps for float16).
+// A vector of floats from Vectorized<float>::size() weights stored as S (bfloat16, float16): one
+// widening instruction or two per vector (F16C's vcvtph2ps for float16).
 template <typename S>
 inline Vec<float> load_as_float(const S* p) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
     const __m512i bits = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(bits, 16));
-  } else if constexpr (std::is_same_v<S, c10::Half>) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   } else {
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<S, c10::BFloat16>) {
     const __m256i bits = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(bits, 16));
-  } else if constexpr (std::is_same_v<S, c10::Half>) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   } else {
-    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   }
 #else
   float values[Vec<float>::size()];
@@ -121,23 +119,17 @@ inline Vec<T> load_weights(const S* p, int64_t n) {
   }
 }
 
-// dst[r, j] = float(src[r, j]) · scales[r] (scales null: 1) for rows × depth elements: a block of a
-// weight stored as S, made ready for the float kernels.
+// dst[r, j] = float(src[r, j]) for rows × depth elements: a block of a weight stored as S, made
+// ready for the float kernels.
 template <typename S>
-void convert_rows(const S* src, int64_t ld_src, int64_t rows, int64_t depth, const float* scales, float* dst,
-                  int64_t ld_dst) {
+void convert_rows(const S* src, int64_t ld_src, int64_t rows, int64_t depth, float* dst, int64_t ld_dst) {
   constexpr int64_t L = Vec<float>::size();
   for (int64_t r = 0; r < rows; ++r) {
     const S* in = src + r * ld_src;
     float* out = dst + r * ld_dst;
-    const float scale = scales ? scales[r] : 1.0f;
     int64_t j = 0;
-    if (scales) {
-      for (; j + L <= depth; j += L) (load_as_float(in + j) * Vec<float>(scale)).store(out + j);
-    } else {
-      for (; j + L <= depth; j += L) load_as_float(in + j).store(out + j);
-    }
-    for (; j < depth; ++j) out[j] = static_cast<float>(in[j]) * scale;
+    for (; j + L <= depth; j += L) load_as_float(in + j).store(out + j);
+    for (; j < depth; ++j) out[j] = static_cast<float>(in[j]);
   }
 }
 
@@ -330,10 +322,9 @@ inline void add_lane_sums(const Vec<T>* acc, T* out, int64_t count) {
 // apart: Rows × Cols dot products along depth, w read as stored.
 // A weight stored as S (T float), converted in registers: a step over one to three rows reads each
 // weight once, and storing it converted to read it back would cost more than the products.
-// `scales` (per row of w, or null) multiply the sums.
 template <typename T, int Rows, int Cols, typename S = T>
 inline void dot_tile(const T* a, int64_t lda, const S* w, int64_t ldw, int64_t depth, int64_t cols, T* c,
-                     int64_t ldc, const float* scales = nullptr) {
+                     int64_t ldc) {
   constexpr int64_t L = Vec<T>::size();
   Vec<T> acc[Rows][Cols];
   const S* w_rows[Cols];
@@ -357,12 +348,6 @@ inline void dot_tile(const T* a, int64_t lda, const S* w, int64_t ldw, int64_t d
   int64_t k = 0;
   for (; k + L <= depth; k += L) step(k, L);
   if (k < depth) step(k, depth - k);  // masked loads: the lanes past depth are zeros
-  if constexpr (!std::is_same_v<S, T>) {
-    for (int j = 0; j < Cols && scales; ++j) {
-      const Vec<T> scale(scales[std::min<int64_t>(j, cols - 1)]);
-      for (int i = 0; i < Rows; ++i) acc[i][j] = acc[i][j] * scale;
-    }
-  }
   for (int i = 0; i < Rows; ++i) {
     for (int j = 0; j < Cols && j < cols; j += 4) {
       add_lane_sums<T>(acc[i] + j, c + i * ldc + j, std::min<int64_t>(4, cols - j));
@@ -381,12 +366,10 @@ constexpr int kDotCols = 4;
 // c[rows, cols] += a[rows, depth] · w[cols, depth]ᵀ for a weight whose rows (ldw apart) are contiguous, read
 // as stored: no packing. A block of kDotCols of w's rows stays in L1 while every row of a passes it.
 template <typename T, typename S = T>
-void dot_products(Matrix<const T> a, const S* w, int64_t ldw, Matrix<T> c, const float* scales = nullptr) {
-  const auto scales_of = [&](int64_t j) { return scales ? scales + j : nullptr; };
+void dot_products(Matrix<const T> a, const S* w, int64_t ldw, Matrix<T> c) {
   if (c.rows == 1) {  // eight columns at once: eight independent sums hide the FMA latency
     for (int64_t j = 0; j < c.cols; j += 8) {
-      dot_tile<T, 1, 8, S>(a.data, a.ld, w + j * ldw, ldw, a.cols, std::min<int64_t>(8, c.cols - j), c.data + j, c.ld,
-                           scales_of(j));
+      dot_tile<T, 1, 8, S>(a.data, a.ld, w + j * ldw, ldw, a.cols, std::min<int64_t>(8, c.cols - j), c.data + j, c.ld);
     }
     return;
   }
@@ -396,29 +379,29 @@ void dot_products(Matrix<const T> a, const S* w, int64_t ldw, Matrix<T> c, const
       const T* a_r = a.data + r * a.ld;
       T* c_r = c.data + r * c.ld + j;
       switch (std::min<int64_t>(3, c.rows - r)) {
-        case 1: dot_tile<T, 1, kDotCols, S>(a_r, a.ld, w + j * ldw, ldw, a.cols, cols, c_r, c.ld, scales_of(j)); break;
-        case 2: dot_tile<T, 2, kDotCols, S>(a_r, a.ld, w + j * ldw, ldw, a.cols, cols, c_r, c.ld, scales_of(j)); break;
-        default: dot_tile<T, 3, kDotCols, S>(a_r, a.ld, w + j * ldw, ldw, a.cols, cols, c_r, c.ld, scales_of(j));
+        case 1: dot_tile<T, 1, kDotCols, S>(a_r, a.ld, w + j * ldw, ldw, a.cols, cols, c_r, c.ld); break;
+        case 2: dot_tile<T, 2, kDotCols, S>(a_r, a.ld, w + j * ldw, ldw, a.cols, cols, c_r, c.ld); break;
+        default: dot_tile<T, 3, kDotCols, S>(a_r, a.ld, w + j * ldw, ldw, a.cols, cols, c_r, c.ld);
       }
     }
   }
 }
 
-// dot_products for a weight stored as S (scales: per row of w, or null). Over one row tile (up to
-// three rows) each weight is read once, converted in registers; over more, a block of w's rows at
-// a time is converted into L1 once for all of them (a stack block: no allocation inside the step
-// loop's team). An LSTM step at B1 H1024, one thread, speed against float32 weights: bfloat16
-// 0.6x converted in L1, 1.25x in registers; int8 0.9-1.05x and 1.7x (AMD EPYC, AVX2).
+// dot_products for a weight stored as S. Over one row tile (up to three rows) each weight is read
+// once, converted in registers; over more, a block of w's rows at a time is converted into L1
+// once for all of them (a stack block: no allocation inside the step loop's team). An LSTM step
+// at B1 H1024, one thread, bfloat16 weights: 0.6x float32's speed converted in L1, 1.25x in
+// registers (AMD EPYC, AVX2).
 template <typename S>
-void converted_dot_products(Matrix<const float> a, const S* w, int64_t ldw, const float* scales, Matrix<float> c) {
-  if (c.rows <= 3) return dot_products<float, S>(a, w, ldw, c, scales);
+void converted_dot_products(Matrix<const float> a, const S* w, int64_t ldw, Matrix<float> c) {
+  if (c.rows <= 3) return dot_products<float, S>(a, w, ldw, c);
   constexpr int64_t kRows = 8, kDepth = 512;
   alignas(64) float block[kRows * kDepth];
   for (int64_t j = 0; j < c.cols; j += kRows) {
     const int64_t cols = std::min(kRows, c.cols - j);
     for (int64_t k0 = 0; k0 < a.cols; k0 += kDepth) {
       const int64_t depth = std::min(kDepth, a.cols - k0);
-      convert_rows(w + j * ldw + k0, ldw, cols, depth, scales ? scales + j : nullptr, block, depth);
+      convert_rows(w + j * ldw + k0, ldw, cols, depth, block, depth);
       dot_products<float>({a.data + k0, a.rows, depth, a.ld}, block, depth, {c.data + j, c.rows, cols, c.ld});
     }
   }
@@ -512,9 +495,9 @@ constexpr int64_t kMinWeightMajorRows = kPanelWidth<T> / 2 + 1;
 // whose rows (ldw apart) are contiguous, as cᵀ = w·aᵀ: w's rows are the tile kernel's broadcast side,
 // read as stored, and aᵀ its panels. Only a is packed, not the weight (cols / rows times bigger):
 // a decoding step at B32 H256 spent a quarter of its time packing W_ih and W_hh. A weight stored
-// as S (T float) is converted a block at a time, scaled per row by `scales` when given.
+// as S (T float) is converted a block at a time.
 template <typename T, typename S = T>
-void weight_major_products(Matrix<const T> a, const S* w, int64_t ldw, Matrix<T> c, const float* scales = nullptr) {
+void weight_major_products(Matrix<const T> a, const S* w, int64_t ldw, Matrix<T> c) {
   constexpr int64_t W = kPanelWidth<T>, kMaxLanes = kMaxWeightMajorRows;
   // Columns of c per pass: cᵀ's block [kChunk, lanes] (24 KB) stays in L1 over every depth block.
   constexpr int64_t kChunk = (24 << 10) / (kMaxLanes * sizeof(T)) / kTileRows * kTileRows;
@@ -523,7 +506,7 @@ void weight_major_products(Matrix<const T> a, const S* w, int64_t ldw, Matrix<T>
   constexpr bool kConverted = !std::is_same_v<S, T>;
   const auto fall_back = [&] {  // no memory to pack a in: dot products, which never throw
     if constexpr (kConverted) {
-      converted_dot_products<S>(a, w, ldw, scales, c);
+      converted_dot_products<S>(a, w, ldw, c);
     } else {
       dot_products<T>(a, w, ldw, c);
     }
@@ -541,7 +524,7 @@ void weight_major_products(Matrix<const T> a, const S* w, int64_t ldw, Matrix<T>
       const int64_t block_depth = std::min(kDepthBlock, depth - k0);
       Left<T> w_rows;
       if constexpr (kConverted) {
-        convert_rows(w + n0 * ldw + k0, ldw, n, block_depth, scales ? scales + n0 : nullptr, w_block, block_depth);
+        convert_rows(w + n0 * ldw + k0, ldw, n, block_depth, w_block, block_depth);
         w_rows = Left<T>::row_major(w_block, block_depth);
       } else {
         w_rows = Left<T>::row_major(w + n0 * ldw + k0, ldw);
@@ -615,6 +598,276 @@ void multiply_transposed(Matrix<const T> a, const std::vector<TransposedProduct<
           tiles<T>(rows, p.c.cols, a_block, Right<T>::packed(b_block, depth), depth, p.c.data + r0 * p.c.ld, p.c.ld,
                    /*add_to_c=*/k0 > 0);
           b_block += panel_count(p.c.cols) * depth * W;
+        }
+      }
+    }
+  });
+}
+
+// ---- int8 weights: products in integers ---------------------------------------------------------
+//
+// An int8 weight (w = q·scale, a scale per row) multiplies activations quantized on the fly, as
+// RNN.cpp's QuantizedCellParamsDynamic has fbgemm do: each row of a, symmetric to [-127, 127] with
+// scale max|a_r| / 127 (a row's own scale, so no row's result depends on the batch beside it).
+// Sums over a depth block (kInt8DepthBlock) are exact in int32 and added to c scaled, with one
+// rounding: every instruction set, thread count and route (packed or read as stored) gives the
+// same bits.
+//
+// vpmaddubsw multiplies unsigned by signed bytes and adds pairs into int16, saturating: it is given
+// |q| (at most 128) and a·sign(q) (at most 127 in size), so a pair never exceeds 2·128·127 < 2^15
+// and nothing saturates, on any CPU, with all 8 bits of both operands (fbgemm's AVX2 path gives up
+// one bit of the activations instead; ONNX Runtime's saturates). With vpmaddwd widening the pairs,
+// AMD EPYC (Zen 3) runs 1.5x the multiply-adds of float FMAs (72 against 48 a nanosecond).
+
+// Columns of an int8 panel: two vectors of 8 int32 sums (AVX2's; AVX-512 CPUs run the same code).
+constexpr int64_t kInt8PanelWidth = 16;
+// Depth summed in int32 before scaling into c: |sum| <= 1024·128·127 < 2^31, and a panel's slice
+// (16 KB) stays in L1 while the row tiles pass it.
+constexpr int64_t kInt8DepthBlock = 1024;
+// Rows quantized at a time, into a stack block (32 KB: no allocation inside the step loop's team).
+constexpr int64_t kInt8RowBlock = 32;
+// Rows per int8 register tile: 4 rows × 2 vectors = 8 accumulators, plus the panel's two vectors,
+// their magnitudes, the broadcast row, a product and the ones of vpmaddwd: AVX2's 16 registers.
+// Six rows (as the float tile) spilled two accumulators to the stack at every step: 1.xx slower.
+constexpr int64_t kInt8TileRows = 4;
+// Quantized rows are padded with zeros to a whole number of these (one AVX2 vector of bytes).
+constexpr int64_t kInt8Chunk = 32;
+
+// scales[r] = max|a_r| / 127: 0 for a row of zeros, NaN for a row with an infinity or a NaN (its
+// products are then NaN, as float products would make them non-finite).
+inline void quantization_scales(Matrix<const float> a, float* scales) {
+  constexpr int64_t L = Vec<float>::size();
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const float* row = a.data + r * a.ld;
+    Vec<float> max_abs(0.0f);
+    int64_t k = 0;
+    for (; k + L <= a.cols; k += L) max_abs = at::vec::maximum(max_abs, Vec<float>::loadu(row + k).abs());
+    float lanes[L], largest = 0;
+    max_abs.store(lanes);
+    for (int64_t l = 0; l < L; ++l) largest = lanes[l] != lanes[l] || lanes[l] > largest ? lanes[l] : largest;
+    for (; k < a.cols; ++k) largest = row[k] != row[k] || std::abs(row[k]) > largest ? std::abs(row[k]) : largest;
+    scales[r] = std::isfinite(largest) ? largest / 127.0f : std::numeric_limits<float>::quiet_NaN();
+  }
+}
+
+// q[r, k] = round(a[r, k] / scales[r]) for a block of a's rows, zeros past a.cols up to ldq.
+inline void quantize_rows(Matrix<const float> a, const float* scales, int8_t* q, int64_t ldq) {
+  constexpr int64_t L = Vec<float>::size();
+  for (int64_t r = 0; r < a.rows; ++r) {
+    const float* row = a.data + r * a.ld;
+    int8_t* out = q + r * ldq;
+    std::memset(out, 0, ldq);
+    if (!(scales[r] > 0)) continue;  // zeros (a row of zeros), or NaN scale: the products are 0 · NaN
+    const Vec<float> inverse(1.0f / scales[r]);
+    int64_t k = 0;
+    float rounded[L];
+    for (; k + L <= a.cols; k += L) {
+      (Vec<float>::loadu(row + k) * inverse).round().store(rounded);
+      for (int64_t l = 0; l < L; ++l) out[k + l] = static_cast<int8_t>(rounded[l]);
+    }
+    for (; k < a.cols; ++k) out[k] = static_cast<int8_t>(std::nearbyint(row[k] * (1.0f / scales[r])));
+  }
+}
+
+// c[i, j] += sums[i][j] · (col_scales[j] · row_scales[i]) for j < cols: the one rounding of a depth
+// block's exact sums, in scalar code on every instruction set (an explicit fma: the same bits).
+template <int Rows, int Cols>
+inline void add_scaled(const int32_t (&sums)[Rows][Cols], const float* row_scales, const float* col_scales,
+                       int64_t cols, float* c, int64_t ldc) {
+  for (int i = 0; i < Rows; ++i) {
+    for (int64_t j = 0; j < cols; ++j) {
+      float& out = c[i * ldc + j];
+      out = std::fma(static_cast<float>(sums[i][j]), col_scales[j] * row_scales[i], out);
+    }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+// Eight int32 sums of four products q_w·a each (see the section's comment): w's magnitudes
+// `magnitude` (|w|), its signs given to a.
+inline __m256i int8_products(__m256i sum, __m256i a, __m256i w, __m256i magnitude) {
+  const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(a, w));
+  return _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+}
+#endif
+
+// The sums q[Rows, 4·quads] · panel for one int8 panel ([quads][kInt8PanelWidth][4]: four
+// consecutive depths of a column in each 32-bit lane), added scaled to c[Rows, cols].
+template <int Rows>
+inline void int8_tile(const int8_t* q, int64_t ldq, const int8_t* panel, int64_t quads, const float* row_scales,
+                      const float* col_scales, int64_t cols, float* c, int64_t ldc) {
+  constexpr int64_t W = kInt8PanelWidth;
+  int32_t sums[Rows][W];
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  __m256i acc[Rows][2];
+#pragma GCC unroll 8
+  for (int i = 0; i < Rows; ++i) acc[i][0] = acc[i][1] = _mm256_setzero_si256();
+  for (int64_t j = 0; j < quads; ++j) {
+    const __m256i w0 = _mm256_load_si256(reinterpret_cast<const __m256i*>(panel + j * 4 * W));
+    const __m256i w1 = _mm256_load_si256(reinterpret_cast<const __m256i*>(panel + j * 4 * W + 32));
+    const __m256i m0 = _mm256_abs_epi8(w0), m1 = _mm256_abs_epi8(w1);
+#pragma GCC unroll 8
+    for (int i = 0; i < Rows; ++i) {
+      int32_t quad;
+      std::memcpy(&quad, q + i * ldq + 4 * j, sizeof(quad));
+      const __m256i a = _mm256_set1_epi32(quad);
+      acc[i][0] = int8_products(acc[i][0], a, w0, m0);
+      acc[i][1] = int8_products(acc[i][1], a, w1, m1);
+    }
+  }
+  for (int i = 0; i < Rows; ++i) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums[i]), acc[i][0]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums[i] + 8), acc[i][1]);
+  }
+#else
+  for (int i = 0; i < Rows; ++i) std::fill_n(sums[i], W, 0);
+  for (int64_t j = 0; j < quads; ++j) {
+    for (int i = 0; i < Rows; ++i) {
+      const int8_t* a = q + i * ldq + 4 * j;
+      for (int64_t lane = 0; lane < W; ++lane) {
+        const int8_t* w = panel + (j * W + lane) * 4;
+        sums[i][lane] += a[0] * w[0] + a[1] * w[1] + a[2] * w[2] + a[3] * w[3];
+      }
+    }
+  }
+#endif
+  add_scaled<Rows, W>(sums, row_scales, col_scales, cols, c, ldc);
+}
+
+// The sums q[Rows, depth] · w[Cols, depth]ᵀ for a weight read as stored (rows ldw apart; past cols,
+// the last row again, summed but never stored), added scaled to c[Rows, cols]. q is zero past
+// depth up to a whole chunk.
+template <int Rows, int Cols>
+inline void int8_dot_tile(const int8_t* q, int64_t ldq, const int8_t* w, int64_t ldw, int64_t depth,
+                          const float* row_scales, const float* col_scales, int64_t cols, float* c, int64_t ldc) {
+  const int8_t* w_rows[Cols];
+  for (int j = 0; j < Cols; ++j) w_rows[j] = w + std::min<int64_t>(j, cols - 1) * ldw;
+  int32_t sums[Rows][Cols];
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  __m256i acc[Rows][Cols];
+#pragma GCC unroll 8
+  for (int i = 0; i < Rows; ++i) {
+#pragma GCC unroll 8
+    for (int j = 0; j < Cols; ++j) acc[i][j] = _mm256_setzero_si256();
+  }
+  const auto step = [&](int64_t k, bool whole) {
+    __m256i a[Rows];
+#pragma GCC unroll 8
+    for (int i = 0; i < Rows; ++i) a[i] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + i * ldq + k));
+#pragma GCC unroll 8
+    for (int j = 0; j < Cols; ++j) {
+      __m256i w_k;
+      if (whole) {
+        w_k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_rows[j] + k));
+        // The next tile's rows, as far ahead: a weight row of a few KB ends before the hardware
+        // prefetcher ramps up (an LSTM step at B1 H1024: 1.6x faster).
+        __builtin_prefetch(w_rows[j] + Cols * ldw + k);
+      } else {  // the row's last bytes: never read past them (q's zeros cancel the rest)
+        alignas(32) int8_t part[kInt8Chunk] = {};
+        std::memcpy(part, w_rows[j] + k, depth - k);
+        w_k = _mm256_load_si256(reinterpret_cast<const __m256i*>(part));
+      }
+      const __m256i magnitude = _mm256_abs_epi8(w_k);
+#pragma GCC unroll 8
+      for (int i = 0; i < Rows; ++i) acc[i][j] = int8_products(acc[i][j], a[i], w_k, magnitude);
+    }
+  };
+  int64_t k = 0;
+  for (; k + kInt8Chunk <= depth; k += kInt8Chunk) step(k, true);
+  if (k < depth) step(k, false);
+  for (int i = 0; i < Rows; ++i) {
+    for (int j = 0; j < Cols; ++j) {
+      const __m128i half = _mm_add_epi32(_mm256_castsi256_si128(acc[i][j]), _mm256_extracti128_si256(acc[i][j], 1));
+      const __m128i pairs = _mm_hadd_epi32(half, half);
+      sums[i][j] = _mm_cvtsi128_si32(_mm_hadd_epi32(pairs, pairs));
+    }
+  }
+#else
+  for (int i = 0; i < Rows; ++i) {
+    for (int j = 0; j < Cols; ++j) {
+      int32_t sum = 0;
+      for (int64_t k = 0; k < depth; ++k) sum += q[i * ldq + k] * w_rows[j][k];
+      sums[i][j] = sum;
+    }
+  }
+#endif
+  add_scaled<Rows, Cols>(sums, row_scales, col_scales, cols, c, ldc);
+}
+
+// c[rows, cols] += a[rows, depth] · wᵀ for an int8 weight w [cols, depth]: a's rows quantized a
+// block at a time, and `block(q, ldq, r0, rows, k0, depth, row_scales)` adding the block's scaled
+// sums to c's rows [r0, r0 + rows). Blocks of depth go first to last, for every route alike.
+template <typename Block>
+void int8_products(Matrix<const float> a, Block&& block) {
+  alignas(64) int8_t q[kInt8RowBlock * kInt8DepthBlock];
+  float row_scales[kInt8RowBlock];
+  for (int64_t r0 = 0; r0 < a.rows; r0 += kInt8RowBlock) {
+    const int64_t rows = std::min(kInt8RowBlock, a.rows - r0);
+    const float* a_rows = a.data + r0 * a.ld;
+    quantization_scales({a_rows, rows, a.cols, a.ld}, row_scales);
+    for (int64_t k0 = 0; k0 < a.cols; k0 += kInt8DepthBlock) {
+      const int64_t depth = std::min(kInt8DepthBlock, a.cols - k0);
+      const int64_t ldq = (depth + kInt8Chunk - 1) / kInt8Chunk * kInt8Chunk;
+      quantize_rows({a_rows + k0, rows, depth, a.ld}, row_scales, q, ldq);
+      block(q, ldq, r0, rows, k0, depth, row_scales);
+    }
+  }
+}
+
+// The dot tiles of one quantized block of rows (q [rows, depth], zero past depth) against w's rows
+// read as stored, Cols of them at a time, added scaled to c.
+template <int Cols>
+void int8_dot_block(const int8_t* q, int64_t ldq, const int8_t* w, int64_t ldw, int64_t depth,
+                    const float* row_scales, const float* col_scales, Matrix<float> c) {
+  for (int64_t j = 0; j < c.cols; j += Cols) {
+    const int64_t cols = std::min<int64_t>(Cols, c.cols - j);
+    for (int64_t r = 0; r < c.rows; r += 3) {
+      const int8_t* q_r = q + r * ldq;
+      float* c_r = c.data + r * c.ld + j;
+      const float* s_r = row_scales + r;
+      switch (std::min<int64_t>(3, c.rows - r)) {
+        case 1: int8_dot_tile<1, Cols>(q_r, ldq, w + j * ldw, ldw, depth, s_r, col_scales + j, cols, c_r, c.ld); break;
+        case 2: int8_dot_tile<2, Cols>(q_r, ldq, w + j * ldw, ldw, depth, s_r, col_scales + j, cols, c_r, c.ld); break;
+        default: int8_dot_tile<3, Cols>(q_r, ldq, w + j * ldw, ldw, depth, s_r, col_scales + j, cols, c_r, c.ld);
+      }
+    }
+  }
+}
+
+// c += a · wᵀ for an int8 weight w [c.cols, a.cols] read as stored (rows ldw apart), w = q·scale
+// with col_scales [c.cols]: no packing, for few rows. One row takes eight of w's rows at a time
+// (more reads in flight from memory), more rows four (each row of q feeds four sums per load).
+inline void int8_dot_products(Matrix<const float> a, const int8_t* w, int64_t ldw, const float* col_scales,
+                              Matrix<float> c) {
+  int8_products(a, [&](const int8_t* q, int64_t ldq, int64_t r0, int64_t rows, int64_t k0, int64_t depth,
+                       const float* row_scales) {
+    const Matrix<float> c_rows{c.data + r0 * c.ld, rows, c.cols, c.ld};
+    if (rows == 1) return int8_dot_block<8>(q, ldq, w + k0, ldw, depth, row_scales, col_scales, c_rows);
+    int8_dot_block<4>(q, ldq, w + k0, ldw, depth, row_scales, col_scales, c_rows);
+  });
+}
+
+// c += a · wᵀ for an int8 weight packed into consecutive panels (see PackedWeight), total_quads
+// deep, with their columns' scales panel_scales [panels][kInt8PanelWidth].
+inline void int8_panel_products(Matrix<const float> a, const int8_t* panels, int64_t total_quads,
+                                const float* panel_scales, Matrix<float> c) {
+  constexpr int64_t W = kInt8PanelWidth;
+  int8_products(a, [&](const int8_t* q, int64_t ldq, int64_t r0, int64_t rows, int64_t k0, int64_t depth,
+                       const float* row_scales) {
+    const int64_t quads = (depth + 3) / 4;
+    for (int64_t p = 0; p * W < c.cols; ++p) {
+      const int8_t* panel = panels + (p * total_quads + k0 / 4) * 4 * W;
+      const float* col_scales = panel_scales + p * W;
+      const int64_t cols = std::min(W, c.cols - p * W);
+      for (int64_t r = 0; r < rows; r += kInt8TileRows) {
+        const int8_t* q_r = q + r * ldq;
+        float* c_r = c.data + (r0 + r) * c.ld + p * W;
+        const float* s_r = row_scales + r;
+        switch (std::min(kInt8TileRows, rows - r)) {
+          case 1: int8_tile<1>(q_r, ldq, panel, quads, s_r, col_scales, cols, c_r, c.ld); break;
+          case 2: int8_tile<2>(q_r, ldq, panel, quads, s_r, col_scales, cols, c_r, c.ld); break;
+          case 3: int8_tile<3>(q_r, ldq, panel, quads, s_r, col_scales, cols, c_r, c.ld); break;
+          default: int8_tile<4>(q_r, ldq, panel, quads, s_r, col_scales, cols, c_r, c.ld);
         }
       }
     }
@@ -722,20 +975,19 @@ class BlockPool final : public c10::Allocator {
   size_t free_bytes_ = 0;
 };
 
-// Narrow weights (bfloat16, float16, int8 with scales) that fit a core's L2 as floats, kept
-// converted from call to call. Such a weight stays in the cache as floats, so a step gains nothing
-// by reading fewer bytes, and converting it at every call costs more than the step's products (a
-// T=1 B8 H256 step with int8 weights ran at 0.83x float32's speed, AMD EPYC AVX2). An entry holds
-// its weight and scales (their memory cannot be reused while it lives) and is found only by the
-// same elements at the same versions (an in-place change makes a new entry): nothing can be stale.
-// Up to kMaxBytes of floats, the least recently used dropped first.
+// bfloat16 and float16 weights that fit a core's L2 as floats, kept converted from call to call.
+// Such a weight stays in the cache as floats, so a step gains nothing by reading fewer bytes, and
+// converting it at every call costs more than the step's products. An entry holds its weight (its
+// memory cannot be reused while the entry lives) and is found only by the same elements at the
+// same version (an in-place change makes a new entry): nothing can be stale. Up to kMaxBytes of
+// floats, the least recently used dropped first.
 class WidenedWeights {
  public:
   static constexpr size_t kMaxBytes = size_t(32) << 20;
 
-  // weight [n, k] (any strides) in float, times scales [n] row by row when defined.
-  static at::Tensor get(const at::Tensor& weight, const at::Tensor& scales) {
-    Entry wanted{weight, scales, version(weight), version(scales), at::Tensor()};
+  // weight [n, k] (any strides) in float.
+  static at::Tensor get(const at::Tensor& weight) {
+    Entry wanted{weight, weight._version(), at::Tensor()};
     WidenedWeights& cache = instance();
     {
       std::lock_guard<std::mutex> lock(cache.mutex_);
@@ -746,8 +998,7 @@ class WidenedWeights {
         }
       }
     }
-    const at::Tensor w = weight.to(at::kFloat);
-    wanted.widened = (scales.defined() ? w * scales.unsqueeze(1) : w).contiguous();
+    wanted.widened = weight.to(at::kFloat).contiguous();
     std::vector<Entry> dropped;  // freed outside the lock
     {
       std::lock_guard<std::mutex> lock(cache.mutex_);
@@ -764,24 +1015,18 @@ class WidenedWeights {
 
  private:
   struct Entry {
-    at::Tensor weight, scales;
-    uint32_t weight_version, scales_version;
+    at::Tensor weight;
+    uint32_t version;
     at::Tensor widened;
 
-    // The same elements at the same versions: views of one memory (a weight transposed for the
+    // The same elements at the same version: views of one memory (a weight transposed for the
     // backward is a new view at every call) match as well as the tensors themselves.
     bool same_as(const Entry& other) const {
-      return same_elements(weight, other.weight) && same_elements(scales, other.scales) &&
-             weight_version == other.weight_version && scales_version == other.scales_version;
-    }
-    static bool same_elements(const at::Tensor& a, const at::Tensor& b) {
-      if (!a.defined() || !b.defined()) return a.defined() == b.defined();
-      return a.const_data_ptr() == b.const_data_ptr() && a.scalar_type() == b.scalar_type() &&
-             a.sizes() == b.sizes() && a.strides() == b.strides();
+      return weight.const_data_ptr() == other.weight.const_data_ptr() &&
+             weight.scalar_type() == other.weight.scalar_type() && weight.sizes() == other.weight.sizes() &&
+             weight.strides() == other.weight.strides() && version == other.version;
     }
   };
-
-  static uint32_t version(const at::Tensor& t) { return t.defined() ? t._version() : 0; }
 
   // Never destroyed, its lock held across fork (see BlockPool::instance).
   static WidenedWeights& instance() {
@@ -816,31 +1061,41 @@ class PackedWeight {
   static constexpr int64_t kPanelWidth = kernel::kPanelWidth<T>;
 
   // weight: a [n, k] view, any strides (a weight [k, n] transposed, for C = A·B), stored as T or,
-  // for T float, as bfloat16, float16 or int8 with `scales` [n] (w = q·scale, row by row). `pack`:
+  // for T float, as bfloat16, float16, or int8 with `scales` [n] (w = q·scale, row by row). `pack`:
   // whether packing pays for this call (many rows); a weight with neither axis contiguous is
-  // packed anyway. Only a narrow weight read by its rows stays narrow; packed, or read by its
-  // columns, it is converted first (its panels are floats).
+  // packed anyway. An int8 weight multiplies in integers, packed into int8 panels or read as
+  // stored (kernel::int8_products). A bfloat16 or float16 weight read by its rows stays narrow;
+  // packed, or read by its columns, it is converted first (its panels are floats).
   PackedWeight(const at::Tensor& weight, int64_t group, bool pack = true, const at::Tensor& scales = {})
       : k_(weight.size(1)), group_(group) {
     const bool narrow = weight.scalar_type() != c10::CppTypeToScalarType<T>::value;
     TORCH_INTERNAL_ASSERT(!narrow || (std::is_same_v<T, float>), "lstm_ext: narrow weights multiply in float");
-    if (narrow && !pack && reads_rows(weight) && !fits_a_cores_cache(weight)) {
-      unpacked_ = weight;
-      scales_ = scales.defined() ? scales.contiguous() : scales;
+    TORCH_INTERNAL_ASSERT(scales.defined() == (weight.scalar_type() == at::kChar), "lstm_ext: int8 weights need scales");
+    if (weight.scalar_type() == at::kChar) {
+      if (!pack && reads_rows(weight)) {
+        unpacked_ = weight;
+        scales_ = scales.contiguous();
+      } else {
+        pack_int8(weight, scales.contiguous());
+      }
       return;
     }
-    const at::Tensor w = narrow ? widened(weight, scales) : weight;
+    if (narrow && !pack && reads_rows(weight) && !fits_a_cores_cache(weight)) {
+      unpacked_ = weight;
+      return;
+    }
+    const at::Tensor w = narrow ? widened(weight) : weight;
     if (!pack && (reads_rows(w) || reads_columns(w))) {
       unpacked_ = w;
     } else {
       const at::Tensor& weight = w;
       const T* data = weight.data_ptr<T>();
       const int64_t n = weight.size(0), k = k_, row_stride = weight.stride(0), col_stride = weight.stride(1);
-      const int64_t W = kPanelWidth, per_group = panels_per_group(), panels = group == 0 ? 0 : n / group * per_group;
+      const int64_t W = kPanelWidth, panels = panel_count(n, W);
       panels_ = BlockPool::empty({panels, k, W}, weight.options());
       T* out = panels_.data_ptr<T>();
-      const auto first_column = [&](int64_t p) { return (p / per_group) * group + (p % per_group) * W; };
-      const auto width_of = [&](int64_t p) { return std::min(W, (p / per_group + 1) * group - first_column(p)); };
+      const auto first_column = [&](int64_t p) { return first_row_of_panel(p, W); };
+      const auto width_of = [&](int64_t p) { return rows_in_panel(p, W); };
       // Threads only for big weights; reads run along whichever of W's axes is contiguous.
       constexpr int64_t kGrain = 1 << 16;
       if (col_stride <= row_stride) {
@@ -895,7 +1150,10 @@ class PackedWeight {
   void multiply(Matrix<const T> a, int64_t first_col, Matrix<T> c, bool accumulate, const T* bias = nullptr,
                 bool descending = false) const {
     if (c.rows == 0 || c.cols == 0) return;
-    if (!panels_.defined() && scalar_type() != c10::CppTypeToScalarType<T>::value) {
+    if (stored_type() == at::kChar) {
+      start_rows(c, accumulate, bias);
+      if constexpr (std::is_same_v<T, float>) multiply_int8(a, first_col, c);
+    } else if (!panels_.defined() && stored_type() != c10::CppTypeToScalarType<T>::value) {
       start_rows(c, accumulate, bias);
       if constexpr (std::is_same_v<T, float>) multiply_narrow(a, first_col, c);
     } else if (!panels_.defined()) {
@@ -939,8 +1197,19 @@ class PackedWeight {
   }
 
  private:
-  at::ScalarType scalar_type() const { return unpacked_.scalar_type(); }
-  int64_t panels_per_group() const { return (group_ + kPanelWidth - 1) / kPanelWidth; }
+  // The type of the weight as the products read it: of its panels when packed.
+  at::ScalarType stored_type() const { return (panels_.defined() ? panels_ : unpacked_).scalar_type(); }
+  // Panels of `width` rows of W: each group of rows is cut into its own, so that none straddles two.
+  int64_t panels_per_group(int64_t width = kPanelWidth) const { return (group_ + width - 1) / width; }
+  int64_t panel_count(int64_t rows, int64_t width) const {
+    return group_ == 0 ? 0 : rows / group_ * panels_per_group(width);
+  }
+  int64_t first_row_of_panel(int64_t p, int64_t width) const {
+    return (p / panels_per_group(width)) * group_ + (p % panels_per_group(width)) * width;
+  }
+  int64_t rows_in_panel(int64_t p, int64_t width) const {
+    return std::min(width, (p / panels_per_group(width) + 1) * group_ - first_row_of_panel(p, width));
+  }
   // Whether W's rows (for dot products) or its columns (as panels) are contiguous.
   static bool reads_rows(const at::Tensor& w) { return w.stride(1) == 1 || w.size(1) <= 1; }
   static bool reads_columns(const at::Tensor& w) { return w.stride(0) == 1 || w.size(0) <= 1; }
@@ -978,38 +1247,76 @@ class PackedWeight {
     return weight.numel() * int64_t(sizeof(float)) <= kernel::kSplitWeightBytes;
   }
 
-  // A narrow weight in T (float), scaled per row: what packing and the column reads work on, and
+  // A bfloat16 or float16 weight in T (float): what packing and the column reads work on, and
   // what a small weight is read as (kept between calls: WidenedWeights).
-  static at::Tensor widened(const at::Tensor& weight, const at::Tensor& scales) {
-    if (fits_a_cores_cache(weight)) return WidenedWeights::get(weight, scales);
-    const at::Tensor w = weight.to(c10::CppTypeToScalarType<T>::value);
-    return scales.defined() ? w * scales.unsqueeze(1) : w;
+  static at::Tensor widened(const at::Tensor& weight) {
+    if (fits_a_cores_cache(weight)) return WidenedWeights::get(weight);
+    return weight.to(c10::CppTypeToScalarType<T>::value);
   }
 
-  // The unpacked products of a narrow weight (float arithmetic), converted as its rows are read.
+  // The unpacked products of a bfloat16 or float16 weight (float arithmetic), converted as its
+  // rows are read.
   void multiply_narrow(Matrix<const float> a, int64_t first_col, Matrix<float> c) const {
     const int64_t ld = unpacked_.stride(0);
-    const float* scales = scales_.defined() ? scales_.data_ptr<float>() + first_col : nullptr;
     const auto run = [&](const auto* stored) {
       using S = std::remove_const_t<std::remove_pointer_t<decltype(stored)>>;
       const S* w = stored + first_col * ld;
       if (c.rows >= kernel::kMinWeightMajorRows<float> && c.rows <= kernel::kMaxWeightMajorRows) {
-        kernel::weight_major_products<float, S>(a, w, ld, c, scales);
+        kernel::weight_major_products<float, S>(a, w, ld, c);
       } else {
-        kernel::converted_dot_products<S>(a, w, ld, scales, c);
+        kernel::converted_dot_products<S>(a, w, ld, c);
       }
     };
-    switch (scalar_type()) {
-      case at::kBFloat16: return run(unpacked_.const_data_ptr<c10::BFloat16>());
-      case at::kHalf: return run(unpacked_.const_data_ptr<c10::Half>());
-      default: return run(unpacked_.const_data_ptr<int8_t>());
+    if (stored_type() == at::kBFloat16) return run(unpacked_.const_data_ptr<c10::BFloat16>());
+    run(unpacked_.const_data_ptr<c10::Half>());
+  }
+
+  // An int8 weight's panels [panels][quads][kInt8PanelWidth][4] (four consecutive depths of a row
+  // of W in each 32-bit lane; zeros past k and past the group) and their rows' scales
+  // [panels][kInt8PanelWidth] (zeros past the group).
+  void pack_int8(const at::Tensor& weight, const at::Tensor& scales) {
+    constexpr int64_t W = kernel::kInt8PanelWidth;
+    const int64_t quads = (k_ + 3) / 4, panels = panel_count(weight.size(0), W);
+    const int64_t row_stride = weight.stride(0), col_stride = weight.stride(1);
+    panels_ = BlockPool::empty({panels, quads, W, 4}, weight.options());
+    scales_ = at::zeros({panels, W}, scales.options());
+    const int8_t* data = weight.const_data_ptr<int8_t>();
+    const float* row_scales = scales.const_data_ptr<float>();
+    int8_t* out = panels_.data_ptr<int8_t>();
+    float* out_scales = scales_.data_ptr<float>();
+    at::parallel_for(0, panels, std::max<int64_t>(1, (1 << 16) / std::max<int64_t>(1, k_ * W)),
+                     [&](int64_t begin, int64_t end) {
+      for (int64_t p = begin; p < end; ++p) {
+        int8_t* panel = out + p * quads * W * 4;
+        std::memset(panel, 0, quads * W * 4);
+        const int64_t first = first_row_of_panel(p, W);
+        for (int64_t lane = 0; lane < rows_in_panel(p, W); ++lane) {
+          const int8_t* row = data + (first + lane) * row_stride;
+          out_scales[p * W + lane] = row_scales[first + lane];
+          for (int64_t k = 0; k < k_; ++k) panel[((k / 4) * W + lane) * 4 + k % 4] = row[k * col_stride];
+        }
+      }
+    });
+  }
+
+  // The products of an int8 weight, in integers: its panels, or its rows as stored.
+  void multiply_int8(Matrix<const float> a, int64_t first_col, Matrix<float> c) const {
+    if (!panels_.defined()) {
+      const int64_t ld = unpacked_.stride(0);
+      return kernel::int8_dot_products(a, unpacked_.const_data_ptr<int8_t>() + first_col * ld, ld,
+                                       scales_.const_data_ptr<float>() + first_col, c);
     }
+    constexpr int64_t W = kernel::kInt8PanelWidth;
+    const int64_t quads = panels_.size(1);
+    const int64_t first_panel = first_col / group_ * panels_per_group(W) + first_col % group_ / W;
+    kernel::int8_panel_products(a, panels_.const_data_ptr<int8_t>() + first_panel * quads * W * 4, quads,
+                                scales_.const_data_ptr<float>() + first_panel * W, c);
   }
 
   int64_t k_, group_;
-  at::Tensor panels_;    // [panels, k, kPanelWidth]
+  at::Tensor panels_;    // [panels, k, kPanelWidth] in T, or int8 [panels, quads, kInt8PanelWidth, 4]
   at::Tensor unpacked_;  // [n, k] view of the weight, when not packed (T, or narrow read by rows)
-  at::Tensor scales_;    // [n] per-row scales of an int8 unpacked_, else undefined
+  at::Tensor scales_;    // int8 weights' scales: [n] for unpacked_, [panels, kInt8PanelWidth] for panels_
 };
 
 // Every product's c [m, n] = aᵀ·b for a [k, m] and its b [k, n], all row-major: the weight

@@ -413,6 +413,71 @@ def test_decoding_steps_no_worse_than_torch(dtype):
     assert errors["ours"] <= 1.5 * errors["torch"], errors
 
 
+# ---- int8: the integer products, exactly ------------------------------------------------------------
+
+
+def quantized_rows(a):
+    """a's rows [N, K] (float32) quantized as the kernel does: symmetric, q = round(a / s) with
+    s = max|a_row| / 127 and 1/s taken in float32 (q = 0 for a row of zeros)."""
+    scale = a.abs().amax(dim=1) / 127
+    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
+    return torch.round(a * inverse[:, None]), scale
+
+
+def integer_product(a, q_w, w_scale):
+    """a·wᵀ as the issue states it: a's rows quantized dynamically, the int8 products summed exactly
+    (integers in float64), then scaled by the row's and the weight row's scales."""
+    q_a, a_scale = quantized_rows(a)
+    return (q_a.double() @ q_w.double().T) * a_scale.double()[:, None] * w_scale.double()[None, :]
+
+
+@pytest.mark.parametrize(
+    "batch, input_size, hidden_size",
+    [(4, 5, 8), (80, 37, 20), (3, 1101, 33), (70, 1101, 40)],
+    ids=["few_rows", "packed_odd_sizes", "two_depth_blocks", "packed_two_depth_blocks"],
+)
+def test_int8_step_is_the_stated_math(batch, input_size, hidden_size):
+    """One step (T=1, given float32 x, h0 and c0, so the reference quantizes the very same values):
+    the gates are the integer products of x and h0 quantized per row, plus the biases, to float32
+    rounding. Few rows read the weights as stored; more than 64 use int8 panels; a depth over 1024
+    is summed in blocks; sizes that fill no vector or panel leave remainders."""
+    module = float_lstm(input_size=input_size, hidden_size=hidden_size)
+    qmodule = lstm_ext.quantize_dynamic(module, torch.qint8)
+    torch.manual_seed(8)
+    x = torch.randn(1, batch, input_size)
+    h0, c0 = torch.randn(1, batch, hidden_size) * 0.5, torch.randn(1, batch, hidden_size)
+    x[0, 1] = 0  # a row of zeros quantizes to zeros
+    with torch.no_grad():
+        output, (h_n, c_n) = qmodule(x, (h0, c0))
+    state = qmodule.state_dict()
+    gates = (
+        integer_product(x[0], state["weight_ih_l0"], state["weight_ih_l0_scale"])
+        + integer_product(h0[0], state["weight_hh_l0"], state["weight_hh_l0_scale"])
+        + state["bias_ih_l0"].double()
+        + state["bias_hh_l0"].double()
+    )
+    i, f, g, o = gates.chunk(4, dim=1)
+    c = f.sigmoid() * c0[0].double() + i.sigmoid() * g.tanh()
+    h = o.sigmoid() * c.tanh()
+    torch.testing.assert_close(c_n[0].double(), c, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(h_n[0].double(), h, atol=2e-6, rtol=1e-5)
+    assert torch.equal(output[0], h_n[0])
+
+
+def test_int8_non_finite_input_gives_non_finite_output():
+    """A row with an infinity or a NaN has no scale to quantize by: its products are NaN (float
+    products would be non-finite too), and the other rows are untouched."""
+    qmodule = lstm_ext.quantize_dynamic(float_lstm(), torch.qint8)
+    torch.manual_seed(9)
+    x = torch.randn(3, 4, INPUT)
+    with torch.no_grad():
+        clean, _ = qmodule(x)
+        x[1, 0, 2], x[0, 2, 0] = float("inf"), float("nan")
+        dirty, _ = qmodule(x)
+    assert torch.isnan(dirty[1:, 0]).all() and torch.isnan(dirty[:, 2]).all()
+    assert torch.equal(dirty[:, [1, 3]], clean[:, [1, 3]]) and torch.equal(dirty[0, 0], clean[0, 0])
+
+
 # ---- the weights ---------------------------------------------------------------------------------
 
 
