@@ -628,7 +628,7 @@ constexpr int64_t kInt8DepthBlock = 1024;
 constexpr int64_t kInt8RowBlock = 32;
 // Rows per int8 register tile: 4 rows × 2 vectors = 8 accumulators, plus the panel's two vectors,
 // their magnitudes, the broadcast row, a product and the ones of vpmaddwd: AVX2's 16 registers.
-// Six rows (as the float tile) spilled two accumulators to the stack at every step: 1.xx slower.
+// Six rows (as the float tile) spilled two accumulators to the stack in the inner loop.
 constexpr int64_t kInt8TileRows = 4;
 // Quantized rows are padded with zeros to a whole number of these (one AVX2 vector of bytes).
 constexpr int64_t kInt8Chunk = 32;
@@ -760,7 +760,7 @@ inline void int8_dot_tile(const int8_t* q, int64_t ldq, const int8_t* w, int64_t
       if (whole) {
         w_k = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w_rows[j] + k));
         // The next tile's rows, as far ahead: a weight row of a few KB ends before the hardware
-        // prefetcher ramps up (an LSTM step at B1 H1024: 1.6x faster).
+        // prefetcher ramps up (an LSTM step at B1 H1024, one thread: 1.0 -> 0.83 ms).
         __builtin_prefetch(w_rows[j] + Cols * ldw + k);
       } else {  // the row's last bytes: never read past them (q's zeros cancel the rest)
         alignas(32) int8_t part[kInt8Chunk] = {};
