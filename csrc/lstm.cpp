@@ -1,7 +1,7 @@
 // The layer stack and the operators' CPU kernels: lstm_ext::forward and its hand-written
 // lstm_ext::backward, quantized_forward, and the differentiable recomputation.
 //
-// Compiled once per instruction set (kernels_*.cpp define CPU_CAPABILITY and the target, as
+// Compiled once per instruction set (kernels.cpp, simd_*.cpp define CPU_CAPABILITY and the target, as
 // ATen compiles its kernels): everything here lives in lstm_ext::CPU_CAPABILITY.
 //
 // Mirrors apply_layer_stack / _lstm_impl in aten/src/ATen/native/RNN.cpp. A layer runs one

@@ -1,6 +1,6 @@
 // The operators: their schemas, and the CPU kernels of the best instruction set this CPU has.
 //
-// lstm.cpp is compiled once per capability of ATen's (kernels_*.cpp), and the choice is made when
+// lstm.cpp is compiled once per capability of ATen's (kernels.cpp, simd_*.cpp), and the choice is made when
 // the library loads, by at::get_cpu_capability(), as ATen's DispatchStub chooses its own kernels:
 // one build runs on every x86-64 CPU and uses the widest vectors it has. ATEN_CPU_CAPABILITY
 // (default, avx2, avx512) forces a lower capability, for ATen and lstm_ext alike.

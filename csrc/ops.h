@@ -91,7 +91,7 @@ using QuantizedForwardSignature = std::tuple<at::Tensor, at::Tensor, at::Tensor>
     at::TensorList, bool, int64_t, bool);
 
 // The operators' CPU kernels for one instruction set: lstm.cpp, compiled once per capability of
-// ATen's (kernels_default.cpp, kernels_avx2.cpp, kernels_avx512.cpp). ops.cpp registers the set
+// ATen's (kernels.cpp, simd_avx2.cpp, simd_avx512.cpp). ops.cpp registers the set
 // of the best capability the CPU has, as at::get_cpu_capability() reports it.
 struct Kernels {
   ForwardSignature* forward;

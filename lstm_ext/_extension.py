@@ -11,7 +11,7 @@ CSRC = REPO_ROOT / "csrc"
 # OpenMP: the recurrent loop's threads are torch's OpenMP team (libgomp is already loaded by torch).
 EXTRA_LDFLAGS = ["-fopenmp"]
 # The baseline every x86-64 CPU runs: ATen's DEFAULT capability. The kernels of the wider
-# instruction sets are compiled beside it (csrc/kernels_avx2.cpp, kernels_avx512.cpp set their own
+# instruction sets are compiled beside it (csrc/simd_avx2.cpp, simd_avx512.cpp set their own
 # target) and chosen when the library loads (csrc/ops.cpp), so a build runs on any x86-64 CPU.
 BASELINE_CFLAGS = ["-O3", "-fopenmp", "-DCPU_CAPABILITY=DEFAULT", "-DCPU_CAPABILITY_DEFAULT"]
 
@@ -23,9 +23,10 @@ def extra_cflags() -> list[str]:
 
 def sources(root: Path = REPO_ROOT) -> list[str]:
     """The C++ sources of the extension, as paths under ``root``, in link order: the baseline
-    files first, then the kernels from the narrowest instruction set to the widest, so that the
-    linker keeps the baseline copy of any inline function (a torch header's) that several of them
-    compile, never one built for instructions the CPU may lack."""
+    files first, then the kernels from the narrowest instruction set to the widest (simd_*.cpp),
+    so that the linker keeps the baseline copy of any inline function (a torch header's) that
+    several of them compile, never one built for instructions the CPU may lack. The names sort
+    in that order, as setuptools sorts the sources it links (tests/test_capabilities.py)."""
     names = (root / "csrc" / "sources.txt").read_text().split()
     return [str(root / "csrc" / name) for name in names]
 

@@ -1,6 +1,6 @@
 """Every instruction set the build contains, forced on this machine.
 
-lstm.cpp is compiled once per capability of ATen's (csrc/kernels_*.cpp) and the library picks
+lstm.cpp is compiled once per capability of ATen's (csrc/kernels.cpp, simd_*.cpp) and the library picks
 the best the CPU has when it loads (csrc/ops.cpp). The rest of the suite runs that one; here the
 kernel-facing tests run again in a fresh process for each lower capability, forced with
 ATEN_CPU_CAPABILITY as ATen's own kernels are. A capability above this CPU's cannot run here
@@ -17,6 +17,7 @@ import pytest
 import torch
 
 import lstm_ext
+from lstm_ext._extension import sources as build_sources
 
 ROOT = Path(__file__).resolve().parents[1]
 LEVELS = ["DEFAULT", "AVX2", "AVX512"]
@@ -25,6 +26,16 @@ BEST = torch.backends.cpu.get_cpu_capability()
 # transposed weight gradients), whole layers, steps, packed input, bfloat16/float16 and quantized weights.
 KERNEL_TESTS = ["test_products.py", "test_lstm_parity.py", "test_step.py", "test_packed.py", "test_autocast.py",
                 "test_quantized.py"]
+
+
+def test_every_build_links_the_baseline_first():
+    """setuptools links a pip build's objects sorted by name, the JIT build and CMake in the listed
+    order: both must put every baseline file before the wider kernels (narrow to wide), or the
+    linker may keep a wide copy of an inline function that baseline code then calls."""
+    names = [Path(path).name for path in build_sources()]
+    assert names == sorted(names)
+    wide = [name for name in names if name.startswith("simd_")]
+    assert wide == ["simd_avx2.cpp", "simd_avx512.cpp"] and names[-len(wide):] == wide
 
 
 def test_the_best_capability_runs_by_default():
