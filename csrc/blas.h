@@ -650,22 +650,36 @@ inline void quantization_scales(Matrix<const float> a, float* scales) {
   }
 }
 
-// q[r, k] = round(a[r, k] / scales[r]) for a block of a's rows, zeros past a.cols up to ldq.
+// q[r, k] = round(a[r, k] / scales[r]) for a block of a's rows, zeros past a.cols up to ldq. A
+// division, not a product by 1 / scale, which overflows for a row of subnormals; clamped, as a
+// subnormal scale is coarse enough to round past 127. The vector and scalar paths give the same
+// integers (each value is divided, rounded to nearest even and clamped alike).
 inline void quantize_rows(Matrix<const float> a, const float* scales, int8_t* q, int64_t ldq) {
-  constexpr int64_t L = Vec<float>::size();
   for (int64_t r = 0; r < a.rows; ++r) {
     const float* row = a.data + r * a.ld;
     int8_t* out = q + r * ldq;
     std::memset(out, 0, ldq);
-    if (!(scales[r] > 0)) continue;  // zeros (a row of zeros), or NaN scale: the products are 0 · NaN
-    const Vec<float> inverse(1.0f / scales[r]);
+    const float scale = scales[r];
+    if (!(scale > 0)) continue;  // zeros (a row of zeros), or NaN scale: the products are 0 · NaN
     int64_t k = 0;
-    float rounded[L];
-    for (; k + L <= a.cols; k += L) {
-      (Vec<float>::loadu(row + k) * inverse).round().store(rounded);
-      for (int64_t l = 0; l < L; ++l) out[k + l] = static_cast<int8_t>(rounded[l]);
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+    const __m256 divisor = _mm256_set1_ps(scale), low = _mm256_set1_ps(-127.0f), high = _mm256_set1_ps(127.0f);
+    const auto quantized = [&](const float* p) {
+      const __m256 rounded =
+          _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(p), divisor), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+      return _mm256_cvtps_epi32(_mm256_max_ps(low, _mm256_min_ps(high, rounded)));
+    };
+    // 32 values a time: packed to int16 then int8 within 128-bit lanes (never saturating), then
+    // their 4-byte groups put back in order.
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; k + 32 <= a.cols; k += 32) {
+      const __m256i low_words = _mm256_packs_epi32(quantized(row + k), quantized(row + k + 8));
+      const __m256i high_words = _mm256_packs_epi32(quantized(row + k + 16), quantized(row + k + 24));
+      const __m256i bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(low_words, high_words), order);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + k), bytes);
     }
-    for (; k < a.cols; ++k) out[k] = static_cast<int8_t>(std::nearbyint(row[k] * (1.0f / scales[r])));
+#endif
+    for (; k < a.cols; ++k) out[k] = static_cast<int8_t>(std::clamp(std::nearbyint(row[k] / scale), -127.0f, 127.0f));
   }
 }
 
@@ -685,7 +699,7 @@ inline void add_scaled(const int32_t (&sums)[Rows][Cols], const float* row_scale
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // Eight int32 sums of four products q_w·a each (see the section's comment): w's magnitudes
 // `magnitude` (|w|), its signs given to a.
-inline __m256i int8_products(__m256i sum, __m256i a, __m256i w, __m256i magnitude) {
+inline __m256i add_products(__m256i sum, __m256i a, __m256i w, __m256i magnitude) {
   const __m256i pairs = _mm256_maddubs_epi16(magnitude, _mm256_sign_epi8(a, w));
   return _mm256_add_epi32(sum, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
 }
@@ -711,9 +725,19 @@ inline void int8_tile(const int8_t* q, int64_t ldq, const int8_t* panel, int64_t
       int32_t quad;
       std::memcpy(&quad, q + i * ldq + 4 * j, sizeof(quad));
       const __m256i a = _mm256_set1_epi32(quad);
-      acc[i][0] = int8_products(acc[i][0], a, w0, m0);
-      acc[i][1] = int8_products(acc[i][1], a, w1, m1);
+      acc[i][0] = add_products(acc[i][0], a, w0, m0);
+      acc[i][1] = add_products(acc[i][1], a, w1, m1);
     }
+  }
+  if (cols == W) {  // add_scaled's arithmetic, 8 lanes at a time: the same bits
+    for (int i = 0; i < Rows; ++i) {
+      for (int h = 0; h < 2; ++h) {
+        float* out = c + i * ldc + 8 * h;
+        const __m256 scale = _mm256_mul_ps(_mm256_loadu_ps(col_scales + 8 * h), _mm256_set1_ps(row_scales[i]));
+        _mm256_storeu_ps(out, _mm256_fmadd_ps(_mm256_cvtepi32_ps(acc[i][h]), scale, _mm256_loadu_ps(out)));
+      }
+    }
+    return;
   }
   for (int i = 0; i < Rows; ++i) {
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(sums[i]), acc[i][0]);
@@ -769,7 +793,7 @@ inline void int8_dot_tile(const int8_t* q, int64_t ldq, const int8_t* w, int64_t
       }
       const __m256i magnitude = _mm256_abs_epi8(w_k);
 #pragma GCC unroll 8
-      for (int i = 0; i < Rows; ++i) acc[i][j] = int8_products(acc[i][j], a[i], w_k, magnitude);
+      for (int i = 0; i < Rows; ++i) acc[i][j] = add_products(acc[i][j], a[i], w_k, magnitude);
     }
   };
   int64_t k = 0;

@@ -418,10 +418,9 @@ def test_decoding_steps_no_worse_than_torch(dtype):
 
 def quantized_rows(a):
     """a's rows [N, K] (float32) quantized as the kernel does: symmetric, q = round(a / s) with
-    s = max|a_row| / 127 and 1/s taken in float32 (q = 0 for a row of zeros)."""
+    s = max|a_row| / 127, in float32 (q = 0 for a row of zeros)."""
     scale = a.abs().amax(dim=1) / 127
-    inverse = torch.where(scale > 0, 1 / scale, torch.zeros_like(scale))
-    return torch.round(a * inverse[:, None]), scale
+    return torch.round(a / torch.where(scale > 0, scale, 1)[:, None]), scale
 
 
 def integer_product(a, q_w, w_scale):
