@@ -1,4 +1,4 @@
-"""Dynamic quantization: int8 or float16 weights, float32 activations and states, inference only.
+"""Dynamic quantization: int8 or float16 weights, float32 inputs, outputs and states, inference only.
 
 ``lstm_ext.quantize_dynamic(model, dtype)`` returns ``model`` (a copy unless ``inplace``) with every
 ``nn.LSTM`` / ``nn.LSTMCell`` / ``lstm_ext.LSTM`` / ``lstm_ext.LSTMCell`` replaced by
@@ -15,7 +15,8 @@ Weights are quantized once, when the module is made (:meth:`QuantizedLSTM.from_f
 - ``dtype=torch.float16``: the weight matrices are stored in half precision, no scales.
 
 Biases stay float32. Everything is a buffer: the module has no parameters (it does not train).
-How the operator multiplies (it may quantize activations too) is the operator's business.
+With int8 weights the operator quantizes each product's input dynamically, row by row, and
+multiplies in integers (docs/precision.md); float16 weights multiply in float32.
 
 torch's own ``torch.ao.quantization.quantize_dynamic`` can make these modules through its public
 ``mapping`` argument: each class has the ``from_float(mod, use_precomputed_fake_quant=False)``
