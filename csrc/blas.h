@@ -900,6 +900,22 @@ inline void int8_panel_products(Matrix<const float> a, const int8_t* panels, int
 
 }  // namespace kernel
 
+// The one instance of a process-wide cache (its lock: a member mutex_). Never destroyed: a tensor
+// freed while the process exits may still give memory back to it. Its lock is held across fork,
+// as malloc holds its own: a child forked (a DataLoader worker) while another thread held it
+// would otherwise find it taken for good.
+template <typename Cache>
+Cache& process_wide() {
+  static Cache* instance = [] {
+#if !defined(_WIN32)
+    pthread_atfork([] { process_wide<Cache>().mutex_.lock(); }, [] { process_wide<Cache>().mutex_.unlock(); },
+                   [] { process_wide<Cache>().mutex_.unlock(); });
+#endif
+    return new Cache();
+  }();
+  return *instance;
+}
+
 // Memory reused from call to call, for the buffers every call allocates anew at the same sizes:
 // packed panels, the operator's outputs and workspace, the backward's buffers and weight
 // gradients. Freed blocks of at least kMinBytes go back to this pool (up to kMaxBytes in all, the
@@ -940,19 +956,8 @@ class BlockPool final : public c10::Allocator {
     size_t bytes;
   };
 
-  // Never destroyed: a tensor freed while the process exits may still give its block back.
-  static BlockPool& instance() {
-    static BlockPool* pool = [] {
-#if !defined(_WIN32)
-      // Held across fork, as malloc holds its own locks: a child forked (a DataLoader worker)
-      // while another thread took a block would otherwise find the lock taken for good.
-      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
-                     [] { instance().mutex_.unlock(); });
-#endif
-      return new BlockPool();
-    }();
-    return *pool;
-  }
+  friend BlockPool& process_wide<BlockPool>();
+  static BlockPool& instance() { return process_wide<BlockPool>(); }
 
   static void release(void* context) {
     std::unique_ptr<Block> block(static_cast<Block*>(context));
@@ -1052,17 +1057,8 @@ class WidenedWeights {
     }
   };
 
-  // Never destroyed, its lock held across fork (see BlockPool::instance).
-  static WidenedWeights& instance() {
-    static WidenedWeights* cache = [] {
-#if !defined(_WIN32)
-      pthread_atfork([] { instance().mutex_.lock(); }, [] { instance().mutex_.unlock(); },
-                     [] { instance().mutex_.unlock(); });
-#endif
-      return new WidenedWeights();
-    }();
-    return *cache;
-  }
+  friend WidenedWeights& process_wide<WidenedWeights>();
+  static WidenedWeights& instance() { return process_wide<WidenedWeights>(); }
 
   std::mutex mutex_;
   std::vector<Entry> entries_;  // least recently used first
@@ -1112,11 +1108,10 @@ class PackedWeight {
     if (!pack && (reads_rows(w) || reads_columns(w))) {
       unpacked_ = w;
     } else {
-      const at::Tensor& weight = w;
-      const T* data = weight.data_ptr<T>();
-      const int64_t n = weight.size(0), k = k_, row_stride = weight.stride(0), col_stride = weight.stride(1);
+      const T* data = w.data_ptr<T>();
+      const int64_t n = w.size(0), k = k_, row_stride = w.stride(0), col_stride = w.stride(1);
       const int64_t W = kPanelWidth, panels = panel_count(n, W);
-      panels_ = BlockPool::empty({panels, k, W}, weight.options());
+      panels_ = BlockPool::empty({panels, k, W}, w.options());
       T* out = panels_.data_ptr<T>();
       const auto first_column = [&](int64_t p) { return first_row_of_panel(p, W); };
       const auto width_of = [&](int64_t p) { return rows_in_panel(p, W); };
