@@ -301,25 +301,24 @@ LayerNormStep<scalar_t> layer_norm_step(const CellParams& params, const Tensor& 
 // the input's type.
 at::ScalarType compute_type(const Tensor& input) { return lstm_ext::compute_type(input.scalar_type()); }
 
-// t in `type`, contiguous. The float <-> bfloat16/float16 conversions every narrow call makes
-// (input, states, biases, outputs) run as a plain vectorized loop rather than ATen's copy, whose
-// dispatch and TensorIterator cost ~2 us a tensor: 8 of them made a T=1 B8 H256 step 0.90x
-// float32's speed. The same values (rounded to nearest even).
+// t in `type`, contiguous. The float <-> bfloat16/float16 conversions of a narrow call's small
+// tensors (input, states, biases, outputs of a step) run as a plain vectorized loop rather than
+// ATen's copy, whose dispatch and TensorIterator cost ~2 us a tensor: 8 of them made a T=1 B8
+// H256 step 0.90x float32's speed. Large tensors keep ATen's copy (the loop measured slower on a
+// training step's 4M-element gradients). The same values (rounded to nearest even).
 Tensor converted(const Tensor& t, at::ScalarType type) {
+  constexpr int64_t kMaxLoopElements = 1 << 16;
   const at::ScalarType from = t.scalar_type();
   const bool widen = type == at::kFloat && at::isReducedFloatingType(from);
   const bool narrow = from == at::kFloat && at::isReducedFloatingType(type);
-  if (!t.is_contiguous() || !(widen || narrow)) return t.to(type).contiguous();
-  Tensor out = blas::BlockPool::empty(t.sizes(), t.options().dtype(type));
+  if (!t.is_contiguous() || !(widen || narrow) || t.numel() > kMaxLoopElements) return t.to(type).contiguous();
+  Tensor out = at::empty(t.sizes(), t.options().dtype(type));
   AT_DISPATCH_REDUCED_FLOATING_TYPES(widen ? from : type, "lstm_ext_converted", [&] {
-    at::parallel_for(0, t.numel(), 1 << 16, [&](int64_t begin, int64_t end) {
-      if (widen) {
-        blas::kernel::convert_rows(t.const_data_ptr<scalar_t>() + begin, 0, 1, end - begin,
-                                   out.data_ptr<float>() + begin, 0);
-      } else {
-        at::vec::convert(t.const_data_ptr<float>() + begin, out.data_ptr<scalar_t>() + begin, end - begin);
-      }
-    });
+    if (widen) {
+      blas::kernel::convert_rows(t.const_data_ptr<scalar_t>(), 0, 1, t.numel(), out.data_ptr<float>(), 0);
+    } else {
+      at::vec::convert(t.const_data_ptr<float>(), out.data_ptr<scalar_t>(), t.numel());
+    }
   });
   return out;
 }
