@@ -1113,24 +1113,22 @@ class PackedWeight {
       const int64_t W = kPanelWidth, panels = panel_count(n, W);
       panels_ = BlockPool::empty({panels, k, W}, w.options());
       T* out = panels_.data_ptr<T>();
-      const auto first_column = [&](int64_t p) { return first_row_of_panel(p, W); };
-      const auto width_of = [&](int64_t p) { return rows_in_panel(p, W); };
       // Threads only for big weights; reads run along whichever of W's axes is contiguous.
       constexpr int64_t kGrain = 1 << 16;
       if (col_stride <= row_stride) {
         at::parallel_for(0, panels, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, k * W)),
                          [&](int64_t begin, int64_t end) {
           for (int64_t p = begin; p < end; ++p) {
-            kernel::pack_panel(data + first_column(p) * row_stride, row_stride, col_stride, width_of(p), k,
-                               out + p * k * W);
+            kernel::pack_panel(data + first_row_of_panel(p, W) * row_stride, row_stride, col_stride,
+                               rows_in_panel(p, W), k, out + p * k * W);
           }
         });
       } else {
         // W's columns are contiguous (a [k, n] weight transposed): each column feeds every panel.
         std::vector<int64_t> firsts(panels), widths(panels);
         for (int64_t p = 0; p < panels; ++p) {
-          firsts[p] = first_column(p);
-          widths[p] = width_of(p);
+          firsts[p] = first_row_of_panel(p, W);
+          widths[p] = rows_in_panel(p, W);
         }
         at::parallel_for(0, k, std::max<int64_t>(1, kGrain / std::max<int64_t>(1, n)), [&](int64_t begin, int64_t end) {
           for (int64_t j = begin; j < end; ++j) {

@@ -304,8 +304,9 @@ at::ScalarType compute_type(const Tensor& input) { return lstm_ext::compute_type
 // t in `type`, contiguous. The float <-> bfloat16/float16 conversions of a narrow call's small
 // tensors (input, states, biases, outputs of a step) run as a plain vectorized loop rather than
 // ATen's copy, whose dispatch and TensorIterator cost ~2 us a tensor: 8 of them made a T=1 B8
-// H256 step 0.90x float32's speed. Large tensors keep ATen's copy (the loop measured slower on a
-// training step's 4M-element gradients). The same values (rounded to nearest even).
+// H256 step 0.90x float32's speed. Large tensors keep ATen's copy, which gains nothing from the
+// loop (dispatch is a fraction of their time) and runs on every thread. The same values (rounded
+// to nearest even).
 Tensor converted(const Tensor& t, at::ScalarType type) {
   constexpr int64_t kMaxLoopElements = 1 << 16;
   const at::ScalarType from = t.scalar_type();
